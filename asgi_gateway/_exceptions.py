@@ -1,0 +1,170 @@
+"""
+The gateway's exceptions, one tree:
+
+* GatewayError
+  + ConfigError
+  + ClientRequestError ............ the client's request is refused (4xx)
+  | + BadRequest ................. 400 bad_request
+  | + PayloadTooLarge ............ 413 payload_too_large
+  + UpstreamError ................ the upstream failed (5xx)
+    + UpstreamUnavailable ........ 503 upstream_unavailable
+    | + NoServerAvailable
+    | + ConcurrencyLimitExceeded
+    + BadGateway ................. 502 bad_gateway
+    | + ConnectError ............. retry condition "connect-failure"
+    | + ConnectionReset .......... retry condition "reset"
+    | + InvalidResponse
+    + GatewayTimeout ............. 504 gateway_timeout
+      + ConnectTimeout ........... retry condition "connect-failure" (never reached the upstream)
+      + ReadTimeout .............. retry condition "timeout"
+      + TotalTimeout
+
+Transports translate their backend's errors into this tree at their boundary;
+`error_response` turns any of them into the JSON body the client sees, in one place.
+"""
+
+from __future__ import annotations
+
+import json
+
+__all__ = [
+    "BadGateway",
+    "BadRequest",
+    "ClientRequestError",
+    "ConcurrencyLimitExceeded",
+    "ConfigError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ConnectionReset",
+    "GatewayError",
+    "GatewayTimeout",
+    "InvalidResponse",
+    "NoServerAvailable",
+    "PayloadTooLarge",
+    "ReadTimeout",
+    "TotalTimeout",
+    "UpstreamError",
+    "UpstreamUnavailable",
+]
+
+
+class GatewayError(Exception):
+    """Base class of every error the gateway raises."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ConfigError(GatewayError, ValueError):
+    """An invalid configuration. The message names the key path and the value."""
+
+    def __init__(self, path: str, message: str) -> None:
+        text = f"{path}: {message}" if path else message
+        super().__init__(text)
+        self.path = path
+
+
+class ClientRequestError(GatewayError):
+    """The client's request cannot be forwarded."""
+
+    status = 400
+    code = "bad_request"
+
+
+class BadRequest(ClientRequestError):
+    status = 400
+    code = "bad_request"
+
+
+class PayloadTooLarge(ClientRequestError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UpstreamError(GatewayError):
+    """The upstream could not give a usable response."""
+
+    status = 502
+    code = "bad_gateway"
+    #: The `retry_on` condition this error is, if any.
+    retry_condition: str | None = None
+    #: False when the request certainly never reached the upstream server.
+    reached_upstream: bool = True
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    code = "upstream_unavailable"
+    reached_upstream = False
+
+    def __init__(self, detail: str = "", retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class NoServerAvailable(UpstreamUnavailable):
+    pass
+
+
+class ConcurrencyLimitExceeded(UpstreamUnavailable):
+    pass
+
+
+class BadGateway(UpstreamError):
+    status = 502
+    code = "bad_gateway"
+
+
+class ConnectError(BadGateway):
+    retry_condition = "connect-failure"
+    reached_upstream = False
+
+
+class ConnectionReset(BadGateway):
+    retry_condition = "reset"
+
+
+class InvalidResponse(BadGateway):
+    retry_condition = "reset"
+
+
+class GatewayTimeout(UpstreamError):
+    status = 504
+    code = "gateway_timeout"
+    retry_condition = "timeout"
+
+
+class ConnectTimeout(GatewayTimeout):
+    retry_condition = "connect-failure"
+    reached_upstream = False
+
+
+class ReadTimeout(GatewayTimeout):
+    pass
+
+
+class TotalTimeout(GatewayTimeout):
+    retry_condition = None
+
+
+def error_response(exc: GatewayError, request_id: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The status, headers and JSON body the client gets for `exc`."""
+    status = exc.status if 400 <= exc.status < 600 else 500
+    code = exc.code if status != 500 else "internal_error"
+    body = json.dumps(
+        {"error": code, "detail": exc.detail or code.replace("_", " "), "request_id": request_id},
+        separators=(",", ":"),
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    if isinstance(exc, UpstreamUnavailable):
+        headers.append((b"retry-after", str(max(1, exc.retry_after)).encode()))
+    return status, headers, body

@@ -1,0 +1,658 @@
+"""Load balancers: which of the available servers an attempt goes to.
+
+The failover layer owns health and priority groups. It hands its balancer the servers
+available right now through `Balancer.set_servers` (once at start, then whenever that set
+changes) and asks `Balancer.pick` for a server on every attempt, passing the servers the
+request already tried as `exclude`.
+
+Every balancer keeps its pick at O(1) or O(log n) with 1,000 servers:
+
+* `round_robin`: NGINX's smooth weighted round robin. The whole cycle is computed once per
+  set (`set_servers`) and a pick reads the next entry. Sets whose cycle would be too long
+  to compute cheaply fall back to an earliest-deadline-first heap (Envoy's scheme), O(log n).
+* `random`: uniform. `weighted_random`: proportional to weight, by bisection on cumulative
+  weights.
+* `least_connections`: fewest requests in flight per unit of weight; an exact scan up to
+  `LEAST_CONNECTIONS_EXACT_LIMIT` servers, power of two choices above.
+* `consistent_hash`: a hash ring with weight-proportional virtual nodes, built once over
+  every configured server; a key whose server is unavailable walks on to the next
+  available one, and comes back when its server does.
+
+Concurrency: `pick` and `set_servers` never await. Under anyio both asyncio and trio run
+one task at a time per event loop, so they can never interleave and the balancers need no
+lock. A balancer belongs to one event loop; it is not meant to be shared across threads.
+"""
+
+from __future__ import annotations
+
+import abc
+import bisect
+import hashlib
+import heapq
+import itertools
+import math
+import operator
+import random
+import struct
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from .._types import Request, Server
+
+if TYPE_CHECKING:
+    from .._config import ServerConfig, UpstreamConfig
+
+__all__ = [
+    "LEAST_CONNECTIONS_EXACT_LIMIT",
+    "Balancer",
+    "ConsistentHashBalancer",
+    "LeastConnectionsBalancer",
+    "RandomBalancer",
+    "RoundRobinBalancer",
+    "WeightedRandomBalancer",
+    "hash_key",
+    "key_function",
+    "make_balancer",
+    "smooth_cycle",
+]
+
+#: `least_connections` scans every server up to this many; above, it uses power of two choices.
+LEAST_CONNECTIONS_EXACT_LIMIT = 32
+
+# Smooth round robin precomputes its cycle when it is at most this long (in picks) and costs at
+# most _MAX_CYCLE_WORK steps to compute (a step per pick per distinct weight): a few milliseconds.
+_MAX_CYCLE = 8192
+_MAX_CYCLE_WORK = 65536
+
+# Random draws that hit an excluded server are retried this many times before the balancer
+# lists the servers that are left, so a pick stays O(1) unless `exclude` holds most of the set.
+_DRAWS = 8
+# Round robin looks this far ahead in its cycle for a server not excluded, then scans the set.
+_LOOKAHEAD = 32
+
+# Virtual nodes on the hash ring per unit of weight (about 8% spread of load between servers),
+# fewer when the configured weights add up to more than _MAX_RING_POINTS / _VNODES_PER_WEIGHT.
+_VNODES_PER_WEIGHT = 160
+_MAX_RING_POINTS = 131072
+
+
+class Balancer(abc.ABC):
+    """Chooses the server for each attempt among the servers currently available."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def set_servers(self, servers: Sequence[Server]) -> None:
+        """Make `servers` the set to pick from, in configuration order.
+
+        Called once at start and whenever the available set changes; cheap enough to be
+        called on every health change (O(n), or a few milliseconds at worst).
+        """
+
+    @abc.abstractmethod
+    def pick(self, request: Request, exclude: Collection[Server] = ()) -> Server | None:
+        """A server of the current set for `request`.
+
+        One not in `exclude` when there is one, else any server of the set (a retry prefers
+        a different server but may reuse one); None only when the set is empty.
+        """
+
+
+def _allowed(servers: Sequence[Server], exclude: Collection[Server]) -> list[Server]:
+    excluded = set(exclude)
+    return [server for server in servers if server not in excluded]
+
+
+# -- round robin ---------------------------------------------------------------------------
+
+
+def smooth_cycle(weights: Sequence[int]) -> list[int] | None:
+    """One full cycle of NGINX's smooth weighted round robin, as indices into `weights`.
+
+    Each pick adds every server's weight to its current weight, takes the server with the
+    highest current weight (the first one on a tie) and takes the total weight off it.
+    The cycle holds each server exactly `weight / gcd(weights)` times, spread out.
+    Returns None when the cycle is too long or too costly to compute here.
+
+    Servers of equal weight take their turns in list order, so the computation runs one lane
+    per distinct weight instead of one per server: O(cycle length * distinct weights).
+    """
+    if not weights:
+        return []
+    divisor = math.gcd(*weights)
+    period = sum(weights) // divisor
+    lanes: dict[int, list[int]] = {}
+    for index, weight in enumerate(weights):
+        lanes.setdefault(weight // divisor, []).append(index)
+    if len(lanes) == 1:
+        return list(range(len(weights)))
+    if period > _MAX_CYCLE or period * len(lanes) > _MAX_CYCLE_WORK:
+        return None
+    lane_weight = list(lanes)
+    members = [lanes[w] for w in lane_weight]
+    sizes = [len(m) for m in members]
+    taken = [0] * len(lane_weight)
+    # A lane's current weight is its best member's: the member whose turn is next.
+    current = [0] * len(lane_weight)
+    order: list[int] = []
+    lane_range = range(len(lane_weight))
+    for _ in range(period):
+        best = -1
+        best_current = 0
+        best_index = 0
+        for lane in lane_range:
+            value = current[lane] + lane_weight[lane]
+            current[lane] = value
+            if best < 0 or value > best_current:
+                best, best_current = lane, value
+                best_index = members[lane][taken[lane] % sizes[lane]]
+            elif value == best_current:
+                index = members[lane][taken[lane] % sizes[lane]]
+                if index < best_index:
+                    best, best_index = lane, index
+        order.append(best_index)
+        taken[best] += 1
+        if taken[best] % sizes[best] == 0:
+            current[best] -= period
+    return order
+
+
+class RoundRobinBalancer(Balancer):
+    """NGINX's smooth weighted round robin.
+
+    With weights 1:2:3 (servers a, b, c) every 6 consecutive picks hold a once, b twice and
+    c three times, interleaved: c b a c b c. A change of the set keeps the position in the
+    cycle, so repeated health flaps do not keep sending the next pick to the same server.
+    Sets whose cycle is too long to precompute (sum of weights over 8,192 after dividing by
+    their gcd, or too many distinct weights) use earliest deadline first: server i's k-th
+    turn is due at virtual time k / weight_i; still exact per cycle, O(log n) per pick.
+    """
+
+    __slots__ = ("_deadlines", "_heap", "_position", "_sequence", "_servers", "_vtime", "_weights")
+
+    def __init__(self) -> None:
+        self._servers: tuple[Server, ...] = ()
+        self._weights: tuple[int, ...] = ()
+        self._sequence: list[Server] = []
+        self._position = 0
+        # Earliest-deadline-first fallback: heap of (deadline, index, server).
+        self._heap: list[tuple[float, int, Server]] | None = None
+        self._deadlines: dict[Server, float] = {}
+        self._vtime = 0.0
+
+    def set_servers(self, servers: Sequence[Server]) -> None:
+        weights = tuple(server.weight for server in servers)
+        if len(servers) == len(self._servers) and weights == self._weights:
+            if all(a is b for a, b in zip(servers, self._servers, strict=True)):
+                return
+        self._servers = tuple(servers)
+        self._weights = weights
+        cycle = smooth_cycle(weights)
+        if cycle is not None:
+            self._heap = None
+            self._deadlines = {}
+            self._sequence = [self._servers[i] for i in cycle]
+            self._position = self._position % len(cycle) if cycle else 0
+            return
+        self._sequence = []
+        old = self._deadlines
+        vtime = self._vtime
+        heap = [
+            (old.get(server, vtime + 1.0 / server.weight), index, server)
+            for index, server in enumerate(servers)
+        ]
+        heapq.heapify(heap)
+        self._heap = heap
+        self._deadlines = {server: deadline for deadline, _, server in heap}
+
+    def _next_edf(self) -> Server:
+        assert self._heap is not None
+        deadline, index, server = self._heap[0]
+        self._vtime = deadline
+        deadline += 1.0 / server.weight
+        heapq.heapreplace(self._heap, (deadline, index, server))
+        self._deadlines[server] = deadline
+        return server
+
+    def pick(self, request: Request, exclude: Collection[Server] = ()) -> Server | None:
+        sequence = self._sequence
+        if sequence:
+            position = self._position
+            server = sequence[position]
+            self._position = position + 1 if position + 1 < len(sequence) else 0
+            if not exclude or server not in exclude:
+                return server
+            return self._pick_excluding(server, exclude)
+        if self._heap is None:
+            return None
+        server = self._next_edf()
+        if not exclude or server not in exclude:
+            return server
+        return self._pick_excluding(server, exclude)
+
+    def _pick_excluding(self, first: Server, exclude: Collection[Server]) -> Server:
+        # The turns of excluded servers (those that just failed this request) go to the next
+        # servers in the cycle, as if the excluded ones were out of the set for a moment.
+        for _ in range(min(_LOOKAHEAD, len(self._servers))):
+            if self._heap is not None:
+                server = self._next_edf()
+            else:
+                server = self._sequence[self._position]
+                self._position = (self._position + 1) % len(self._sequence)
+            if server not in exclude:
+                return server
+        allowed = _allowed(self._servers, exclude)
+        if not allowed:
+            return first
+        return allowed[self._position % len(allowed)]
+
+
+# -- random --------------------------------------------------------------------------------
+
+
+class RandomBalancer(Balancer):
+    """Uniformly random, ignoring weights."""
+
+    __slots__ = ("_random", "_rng", "_servers")
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._random = rng.random
+        self._servers: list[Server] = []
+
+    def set_servers(self, servers: Sequence[Server]) -> None:
+        self._servers = list(servers)
+
+    def _draw(self) -> Server:
+        servers = self._servers
+        return servers[int(self._random() * len(servers))]
+
+    def pick(self, request: Request, exclude: Collection[Server] = ()) -> Server | None:
+        if not self._servers:
+            return None
+        server = self._draw()
+        if not exclude or server not in exclude:
+            return server
+        for _ in range(_DRAWS):
+            other = self._draw()
+            if other not in exclude:
+                return other
+        allowed = _allowed(self._servers, exclude)
+        return self._rng.choice(allowed) if allowed else server
+
+
+class WeightedRandomBalancer(Balancer):
+    """Random, each server with probability weight / total weight (bisection: O(log n))."""
+
+    __slots__ = ("_cumulative", "_random", "_rng", "_servers", "_total", "_uniform")
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._random = rng.random
+        self._servers: list[Server] = []
+        self._cumulative: list[int] = []
+        self._total = 0
+        self._uniform = True
+
+    def set_servers(self, servers: Sequence[Server]) -> None:
+        self._servers = list(servers)
+        self._cumulative = list(itertools.accumulate(server.weight for server in servers))
+        self._total = self._cumulative[-1] if servers else 0
+        self._uniform = len({server.weight for server in servers}) <= 1
+
+    def draw(self) -> Server:
+        """A server by weight; the set must not be empty."""
+        servers = self._servers
+        if self._uniform:
+            return servers[int(self._random() * len(servers))]
+        index = bisect.bisect_right(self._cumulative, self._random() * self._total)
+        # random() * total can round up to total itself.
+        return servers[index if index < len(servers) else -1]
+
+    @property
+    def servers(self) -> list[Server]:
+        return self._servers
+
+    def pick(self, request: Request, exclude: Collection[Server] = ()) -> Server | None:
+        if not self._servers:
+            return None
+        server = self.draw()
+        if not exclude or server not in exclude:
+            return server
+        for _ in range(_DRAWS):
+            other = self.draw()
+            if other not in exclude:
+                return other
+        allowed = _allowed(self._servers, exclude)
+        if not allowed:
+            return server
+        return self._rng.choices(allowed, weights=[s.weight for s in allowed])[0]
+
+
+# -- least connections ---------------------------------------------------------------------
+
+
+class LeastConnectionsBalancer(Balancer):
+    """Fewest requests in flight per unit of weight.
+
+    The failover layer counts `Server.in_flight`; this only reads it. Ties go to a random
+    server among the tied, drawn by weight, so that at low concurrency (everyone at zero)
+    traffic still follows the weights. Up to `LEAST_CONNECTIONS_EXACT_LIMIT` servers every
+    pick scans them all. Above, it takes the better of two servers drawn by weight (power of
+    two choices, as Envoy and HAProxy do for large sets): O(log n), and the most loaded
+    server is almost never chosen, while requests do not all pile onto the one server that
+    happens to be least loaded at the moment.
+    """
+
+    __slots__ = ("_exact", "_rng", "_weighted")
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._weighted = WeightedRandomBalancer(rng)
+        self._exact = True
+
+    def set_servers(self, servers: Sequence[Server]) -> None:
+        self._weighted.set_servers(servers)
+        self._exact = len(servers) <= LEAST_CONNECTIONS_EXACT_LIMIT
+
+    def pick(self, request: Request, exclude: Collection[Server] = ()) -> Server | None:
+        servers = self._weighted.servers
+        if not servers:
+            return None
+        if self._exact:
+            return self._scan(servers, exclude) or self._scan(servers, ())
+        draw = self._weighted.draw
+        first = draw()
+        if exclude and first in exclude:
+            for _ in range(_DRAWS):
+                first = draw()
+                if first not in exclude:
+                    break
+            else:
+                return self._scan(servers, exclude) or first
+        second = draw()
+        if second is first or (exclude and second in exclude):
+            second = draw()
+            if exclude and second in exclude:
+                return first
+        if second.in_flight * first.weight < first.in_flight * second.weight:
+            return second
+        return first
+
+    def _scan(self, servers: Sequence[Server], exclude: Collection[Server]) -> Server | None:
+        best: list[Server] = []
+        best_score = math.inf
+        for server in servers:
+            if exclude and server in exclude:
+                continue
+            score = server.in_flight / server.weight
+            if score < best_score:
+                best_score = score
+                best = [server]
+            elif score == best_score:
+                best.append(server)
+        if len(best) <= 1:
+            return best[0] if best else None
+        total = sum(server.weight for server in best)
+        if total == len(best):
+            return best[int(self._rng.random() * len(best))]
+        point = self._rng.random() * total
+        for server in best:
+            point -= server.weight
+            if point < 0:
+                return server
+        return best[-1]
+
+
+# -- consistent hashing --------------------------------------------------------------------
+
+
+def hash_key(key: bytes) -> int:
+    """The 64-bit point of `key` on the ring: BLAKE2b, the same in every process and version."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+def _node_name(scheme: str, host: str, port: int | None) -> str:
+    host = host.strip("[]").lower()
+    if port is None:
+        port = 443 if scheme.lower() == "https" else 80
+    return f"{scheme.lower()}://{host}:{port}"
+
+
+def _config_node_name(url: str) -> str:
+    parts = urlsplit(url)
+    return _node_name(parts.scheme, parts.hostname or "", parts.port)
+
+
+_POINTS_PER_DIGEST = struct.Struct(">8Q")
+
+
+def _vnode_points(name: str, count: int) -> list[int]:
+    # One 64-byte BLAKE2b digest gives 8 points (as ketama takes 4 from each MD5).
+    points: list[int] = []
+    for block in range((count + 7) // 8):
+        digest = hashlib.blake2b(f"{name}#{block}".encode(), digest_size=64).digest()
+        points.extend(_POINTS_PER_DIGEST.unpack(digest))
+    return points[:count]
+
+
+KeyFunction = Callable[[Request], bytes | None]
+
+
+def key_function(hash_on: str) -> KeyFunction:
+    """The function that reads the hash key described by `hash_on` from a request.
+
+    `header:NAME` (case-insensitive name), `cookie:NAME`, `client_ip` or `path`. An absent
+    or empty key is None (the request then goes round robin, as in NGINX).
+    """
+    kind, _, name = hash_on.partition(":")
+    if kind == "header" and name:
+        header = name.lower().encode("latin-1")
+
+        def from_header(request: Request) -> bytes | None:
+            for key, value in request.headers:
+                if key == header:
+                    return value or None
+            return None
+
+        return from_header
+    if kind == "cookie" and name:
+        cookie = name.encode("latin-1")
+
+        def from_cookie(request: Request) -> bytes | None:
+            for key, value in request.headers:
+                if key == b"cookie":
+                    for pair in value.split(b";"):
+                        pair_name, sep, pair_value = pair.partition(b"=")
+                        if sep and pair_name.strip() == cookie:
+                            return pair_value.strip() or None
+            return None
+
+        return from_cookie
+    if hash_on == "client_ip":
+        return lambda request: request.exchange.client_ip.encode("latin-1", "replace") or None
+    if hash_on == "path":
+        return lambda request: request.exchange.path.encode("utf-8", "surrogatepass") or None
+    raise ValueError(f"hash_on {hash_on!r} is not header:NAME, cookie:NAME, client_ip or path")
+
+
+class ConsistentHashBalancer(Balancer):
+    """A hash ring keyed by a part of the request, with weight-proportional virtual nodes.
+
+    The ring holds every configured server, available or not, each named by its normalised
+    URL, so every gateway process maps a key to the same server. A key goes to the first
+    available server at or after its point; when a server leaves, only its own keys move
+    (about 1/N of them), each to the next server on the ring, and they return when it does.
+    `exclude` walks further along the ring. Requests without the key go round robin.
+    """
+
+    __slots__ = (
+        "_available",
+        "_available_count",
+        "_bound",
+        "_by_name",
+        "_fallback",
+        "_key",
+        "_live_owners",
+        "_live_points",
+        "_mask",
+        "_names",
+        "_owners",
+        "_points",
+        "_slot_of",
+        "_slot_server",
+        "_stale",
+        "_weights",
+    )
+
+    def __init__(self, servers: Sequence[ServerConfig], key: KeyFunction) -> None:
+        self._key = key
+        self._fallback = RoundRobinBalancer()
+        # Per ring slot (one per configured server): name, weight, availability, the Server bound
+        # to it, and that Server when it is in the current set.
+        self._names: list[str] = []
+        self._weights: list[int] = []
+        self._available: list[bool] = []
+        self._available_count = 0
+        self._bound: list[Server | None] = []
+        self._slot_server: list[Server | None] = []
+        self._by_name: dict[str, list[int]] = {}
+        self._slot_of: dict[Server, int] = {}
+        for config in servers:
+            self._add_slot(_config_node_name(config.url), config.weight)
+        self._points: list[int] = []
+        self._owners: list[int] = []
+        self._mask: Callable[[list[bool]], tuple[bool, ...]] = lambda available: ()
+        self._live_points: list[int] = []
+        self._live_owners: list[int] = []
+        self._stale = True
+        self._build_ring()
+
+    def _add_slot(self, name: str, weight: int) -> int:
+        slot = len(self._names)
+        same = self._by_name.setdefault(name, [])
+        # The same URL configured twice gets two distinct places on the ring.
+        self._names.append(f"{name}#{len(same) + 1}" if same else name)
+        same.append(slot)
+        self._weights.append(weight)
+        self._available.append(False)
+        self._bound.append(None)
+        self._slot_server.append(None)
+        return slot
+
+    def _build_ring(self) -> None:
+        per_weight = min(_VNODES_PER_WEIGHT, _MAX_RING_POINTS / max(1, sum(self._weights)))
+        ring: list[tuple[int, int]] = []
+        for slot, (name, weight) in enumerate(zip(self._names, self._weights, strict=True)):
+            ring.extend((point, slot) for point in _vnode_points(name, max(1, round(weight * per_weight))))
+        ring.sort()
+        self._points = [point for point, _ in ring]
+        self._owners = [slot for _, slot in ring]
+        if len(self._owners) == 1:
+            only = self._owners[0]
+            self._mask = lambda available: (available[only],)
+        else:
+            self._mask = operator.itemgetter(*self._owners)
+        self._stale = True
+
+    def _slot(self, server: Server) -> int:
+        slot = self._slot_of.get(server)
+        if slot is not None:
+            return slot
+        name = _node_name(server.scheme, server.host, server.port)
+        free = [i for i in self._by_name.get(name, ()) if self._bound[i] is None]
+        if server.index in free:
+            slot = server.index
+        elif free:
+            slot = free[0]
+        else:
+            # A server that is not in the configuration (built by hand): it gets its own place.
+            slot = self._add_slot(name, server.weight)
+            self._build_ring()
+        self._bound[slot] = server
+        self._slot_of[server] = slot
+        return slot
+
+    def set_servers(self, servers: Sequence[Server]) -> None:
+        self._fallback.set_servers(servers)
+        slots = [self._slot(server) for server in servers]
+        available = [False] * len(self._names)
+        slot_server: list[Server | None] = [None] * len(self._names)
+        for slot, server in zip(slots, servers, strict=True):
+            available[slot] = True
+            slot_server[slot] = server
+        self._available_count = len(set(slots))
+        if available != self._available or slot_server != self._slot_server:
+            self._available = available
+            self._slot_server = slot_server
+            self._stale = True
+
+    def _refresh(self) -> None:
+        # Filtering the full ring (C speed: itemgetter and compress) gives exactly the points
+        # of available servers in ring order, so "next available server" is one bisection.
+        mask = self._mask(self._available)
+        self._live_points = list(itertools.compress(self._points, mask))
+        self._live_owners = list(itertools.compress(self._owners, mask))
+        self._stale = False
+
+    def pick(self, request: Request, exclude: Collection[Server] = ()) -> Server | None:
+        key = self._key(request)
+        if key is None:
+            return self._fallback.pick(request, exclude)
+        return self.pick_key(key, exclude)
+
+    def pick_key(self, key: bytes, exclude: Collection[Server] = ()) -> Server | None:
+        """The server for hash key `key` (what `pick` does once it has the key)."""
+        if self._stale:
+            self._refresh()
+        points = self._live_points
+        if not points:
+            return None
+        index = bisect.bisect_left(points, hash_key(key))
+        if index == len(points):
+            index = 0
+        owners = self._live_owners
+        slot_server = self._slot_server
+        server = slot_server[owners[index]]
+        assert server is not None
+        if not exclude or server not in exclude:
+            return server
+        available = self._available
+        excluded = {slot for slot in map(self._slot_of.get, exclude) if slot is not None and available[slot]}
+        if len(excluded) >= self._available_count:
+            return server
+        # Some available server is not excluded, so the walk ends within one turn of the ring.
+        size = len(owners)
+        while True:
+            index = index + 1 if index + 1 < size else 0
+            if owners[index] not in excluded:
+                found = slot_server[owners[index]]
+                assert found is not None
+                return found
+
+
+# -- factory -------------------------------------------------------------------------------
+
+
+def make_balancer(upstream: UpstreamConfig, rng: random.Random | None = None) -> Balancer:
+    """The balancer `upstream.balancer` names, keyed by `upstream.hash_on` for consistent_hash.
+
+    `rng` makes the random kinds reproducible (tests); by default each balancer has its own
+    `random.Random` seeded from the OS.
+    """
+    rng = rng if rng is not None else random.Random()
+    kind = upstream.balancer
+    if kind == "round_robin":
+        return RoundRobinBalancer()
+    if kind == "random":
+        return RandomBalancer(rng)
+    if kind == "weighted_random":
+        return WeightedRandomBalancer(rng)
+    if kind == "least_connections":
+        return LeastConnectionsBalancer(rng)
+    if kind == "consistent_hash":
+        if upstream.hash_on is None:
+            raise ValueError(f"upstream {upstream.name!r}: consistent_hash needs hash_on")
+        return ConsistentHashBalancer(upstream.servers, key_function(upstream.hash_on))
+    raise ValueError(f"upstream {upstream.name!r}: unknown balancer {kind!r}")

@@ -1,0 +1,388 @@
+"""Failover: send each attempt to an available server, primaries first.
+
+A server is *available* when its active health check passes (if configured) and
+passive outlier detection has not ejected it. Requests go to the available
+primaries; to the available backups only while no primary is available, or as the
+last resort of a retry that has already tried every available primary; and, when
+nothing at all is available, to every server if the upstream opts into `panic`,
+else nowhere: `NoServerAvailable` (503) at once.
+
+The available set is cached and rebuilt only when a server changes state, so a
+pick costs the balancer's work and one clock read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+from .._config import UpstreamConfig
+from .._exceptions import NoServerAvailable, UpstreamError
+from .._types import NULL_EVENTS, Exchange, GatewayEvents, Handler, Request, Response, Server
+from .balancer import Balancer, make_balancer
+
+__all__ = ["FailoverLayer"]
+
+logger = logging.getLogger("asgi_gateway.health")
+
+#: Statuses with which an upstream says that it, or what stands behind it, is failing.
+FAILURE_STATUSES: Final = frozenset({502, 503, 504})
+#: Errors that count against a server. A total timeout is the client's deadline, not the server's fault.
+FAILURE_CONDITIONS: Final = frozenset({"connect-failure", "reset", "timeout"})
+#: How far back the status view counts a server's failures.
+RECENT_WINDOW: Final = 60.0
+_MAX_RECENT: Final = 256
+#: Caps the ejection multiplier's exponent; `max_ejection_time` caps the duration anyway.
+_MAX_DOUBLINGS: Final = 32
+
+Group = Literal["primary", "backup", "panic"]
+
+
+class _Failures:
+    """A server's recent passive failures, for the status view."""
+
+    __slots__ = ("last_reason", "times")
+
+    def __init__(self) -> None:
+        self.times: deque[float] = deque(maxlen=_MAX_RECENT)
+        self.last_reason: str | None = None
+
+
+class _Attempt:
+    """Runs when an attempt's response is closed: release the server, judge the body."""
+
+    __slots__ = ("exchange", "judged", "layer", "server")
+
+    def __init__(self, layer: FailoverLayer, server: Server, exchange: Exchange, judged: bool) -> None:
+        self.layer = layer
+        self.server = server
+        self.exchange = exchange
+        self.judged = judged
+
+    def __call__(self, response: Response, error: BaseException | None) -> None:
+        self.server.in_flight -= 1
+        if self.judged:
+            return
+        if error is None:
+            self.server.consecutive_failures = 0
+        elif isinstance(error, UpstreamError) and error.retry_condition in FAILURE_CONDITIONS:
+            self.layer._failure(self.server, f"body {error.retry_condition}", self.exchange)
+        # Anything else (the client went away, a cancellation) says nothing about the server.
+
+
+class FailoverLayer(Handler):
+    """Chooses the server for each attempt and keeps broken servers out of rotation.
+
+    `servers` are the upstream's live `Server` objects, shared with the health
+    checker (which calls `refresh()` after it changes one) and the balancer.
+    `backup_balancer` picks among the backups when a retry falls back to them while
+    primaries are still available; by default one is made like the main one.
+    """
+
+    def __init__(
+        self,
+        upstream: UpstreamConfig,
+        servers: Sequence[Server],
+        balancer: Balancer,
+        inner: Handler,
+        events: GatewayEvents = NULL_EVENTS,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        backup_balancer: Balancer | None = None,
+    ) -> None:
+        self._upstream = upstream
+        self._name = upstream.name
+        self._servers = tuple(servers)
+        self._balancer = balancer
+        self._inner = inner
+        self._events = events
+        self._clock = clock
+        self._outlier = upstream.outlier_detection
+        if self._outlier is not None:
+            share = math.floor(len(self._servers) * self._outlier.max_ejection_percent / 100)
+            # As Envoy does: one server may always go, whatever the percentage rounds to.
+            self._max_ejected = max(1, share)
+        else:
+            self._max_ejected = 0
+        if backup_balancer is None and any(server.backup for server in self._servers):
+            backup_balancer = make_balancer(upstream)
+        self._backup_balancer = backup_balancer
+        self._failures = {server: _Failures() for server in self._servers}
+        self._ejected: set[Server] = set()
+        #: Soonest end of an ejection; a pick at or after it readmits.
+        self._next_expiry = math.inf
+        self._group: Group | None = None
+        self._primaries: list[Server] = []
+        self._backups: list[Server] = []
+        self._available = -1
+        self._recompute(self._clock())
+
+    async def handle_request(self, request: Request) -> Response:
+        exchange = request.exchange
+        if self._clock() >= self._next_expiry:
+            self._readmit(self._clock())
+        server = self._pick(request, exchange)
+        request.server = server
+        exchange.server = server
+        exchange.tried.append(server)
+        server.in_flight += 1
+        try:
+            response = await self._inner.handle_request(request)
+        except BaseException as exc:
+            server.in_flight -= 1
+            if isinstance(exc, UpstreamError) and exc.retry_condition in FAILURE_CONDITIONS:
+                self._failure(server, exc.retry_condition or "", exchange)
+            raise
+        failed = response.status in FAILURE_STATUSES
+        if failed:
+            self._failure(server, str(response.status), exchange)
+        response.on_close(_Attempt(self, server, exchange, judged=failed))
+        if response.server is None:
+            response.server = server
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def refresh(self) -> None:
+        """Rebuild the available set after a server's health changed (the health checker's `on_change`)."""
+        now = self._clock()
+        if now >= self._next_expiry:
+            self._readmit(now)
+        else:
+            self._recompute(now)
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able view of the upstream and each of its servers."""
+        now = self._clock()
+        if now >= self._next_expiry:
+            self._readmit(now)
+        wall = time.time()
+        check = self._upstream.health_check
+        outlier = self._outlier
+        servers = []
+        for server in self._servers:
+            ejected = server in self._ejected
+            remaining = server.ejected_until - now if ejected else None
+            failures = self._failures[server]
+            recent = sum(1 for at in failures.times if now - at <= RECENT_WINDOW)
+            server.recent_failures = recent
+            if ejected:
+                state = "ejected"
+            elif not server.healthy:
+                state = "unhealthy"
+            else:
+                state = "healthy"
+            servers.append(
+                {
+                    "url": server.url,
+                    "backup": server.backup,
+                    "weight": server.weight,
+                    "state": state,
+                    "available": not ejected and server.healthy,
+                    "healthy": server.healthy,
+                    "ejected": ejected,
+                    "ejected_for": round(remaining, 3) if remaining is not None else None,
+                    "ejected_until": (
+                        datetime.fromtimestamp(wall + remaining, UTC).isoformat(timespec="milliseconds")
+                        if remaining is not None
+                        else None
+                    ),
+                    "ejections": server.ejections,
+                    "in_flight": server.in_flight,
+                    "consecutive_failures": server.consecutive_failures,
+                    "recent_failures": recent,
+                    "last_failure": failures.last_reason,
+                }
+            )
+        return {
+            "upstream": self._name,
+            "mode": self._group or "unavailable",
+            "available": len(self._primaries) + len(self._backups),
+            "health_check": (
+                {"path": check.path, "interval": check.interval, "timeout": check.timeout}
+                if check is not None
+                else None
+            ),
+            "outlier_detection": (
+                {
+                    "consecutive_failures": outlier.consecutive_failures,
+                    "base_ejection_time": outlier.base_ejection_time,
+                    "max_ejection_time": outlier.max_ejection_time,
+                    "max_ejection_percent": outlier.max_ejection_percent,
+                }
+                if outlier is not None
+                else None
+            ),
+            "panic": self._upstream.panic,
+            "servers": servers,
+        }
+
+    # -- choosing -------------------------------------------------------------------
+
+    def _pick(self, request: Request, exchange: Exchange) -> Server:
+        group = self._group
+        if group is None:
+            raise NoServerAvailable(
+                f"no server of upstream {self._name!r} is available", retry_after=self._retry_after()
+            )
+        tried = exchange.tried
+        server = self._balancer.pick(request, exclude=tried)
+        if server is None:  # pragma: no cover - a balancer with servers always picks one
+            raise NoServerAvailable(f"no server of upstream {self._name!r} is available")
+        if group != "primary":
+            self._events.failover(exchange, group)
+        elif (
+            tried
+            and self._backups
+            and self._backup_balancer is not None
+            and all(primary in tried for primary in self._primaries)
+        ):
+            # NGINX's next-upstream: this request has had every available primary; let a backup try.
+            backup = self._backup_balancer.pick(request, exclude=tried)
+            if backup is not None:
+                self._events.failover(exchange, "backup")
+                server = backup
+        return server
+
+    def _retry_after(self) -> int:
+        wait = self._next_expiry - self._clock()
+        if not math.isfinite(wait):
+            check = self._upstream.health_check
+            # Only active checks can bring servers back: wait for one to pass its threshold.
+            wait = check.interval * check.healthy_threshold if check is not None else 1.0
+        return max(1, math.ceil(wait))
+
+    # -- state changes --------------------------------------------------------------
+
+    def _recompute(self, now: float) -> None:
+        primaries: list[Server] = []
+        backups: list[Server] = []
+        soonest = math.inf
+        for server in self._servers:
+            if server in self._ejected:
+                soonest = min(soonest, server.ejected_until)
+            elif server.healthy:
+                (backups if server.backup else primaries).append(server)
+        self._next_expiry = soonest
+        group: Group | None
+        if primaries:
+            group, members = "primary", primaries
+        elif backups:
+            group, members = "backup", backups
+        elif self._upstream.panic:
+            group, members = "panic", list(self._servers)
+        else:
+            group, members = None, []
+        self._primaries = primaries
+        self._backups = backups
+        self._balancer.set_servers(members)
+        if self._backup_balancer is not None:
+            self._backup_balancer.set_servers(backups)
+        if group != self._group:
+            self._log_group(self._group, group)
+            self._group = group
+        available = len(primaries) + len(backups)
+        if available != self._available:
+            self._available = available
+            self._events.available_changed(self._name, available)
+
+    def _log_group(self, old: Group | None, new: Group | None) -> None:
+        extra = {"upstream": self._name, "server": None}
+        if new == "primary":
+            if old is not None:
+                logger.info(
+                    "upstream %r: primaries available again, traffic returns to them",
+                    self._name,
+                    extra={**extra, "reason": "failback"},
+                )
+        elif new == "backup":
+            logger.warning(
+                "upstream %r: no primary server available, failing over to backups",
+                self._name,
+                extra={**extra, "reason": "failover"},
+            )
+        elif new == "panic":
+            logger.warning(
+                "upstream %r: no server available, panic mode sends to all servers",
+                self._name,
+                extra={**extra, "reason": "panic"},
+            )
+        else:
+            logger.warning(
+                "upstream %r: no server available, answering 503",
+                self._name,
+                extra={**extra, "reason": "unavailable"},
+            )
+
+    def _readmit(self, now: float) -> None:
+        for server in [server for server in self._ejected if server.ejected_until <= now]:
+            self._ejected.discard(server)
+            server.consecutive_failures = 0
+            extra = {"upstream": self._name, "server": server.url, "reason": "ejection-ended"}
+            if server.healthy:
+                logger.info("readmitted server %s of upstream %r", server.url, self._name, extra=extra)
+                self._events.readmitted(server)
+            else:
+                logger.info(
+                    "ejection of server %s of upstream %r ended; it stays out until its health check passes",
+                    server.url,
+                    self._name,
+                    extra=extra,
+                )
+        self._recompute(now)
+
+    def _failure(self, server: Server, reason: str, exchange: Exchange | None) -> None:
+        now = self._clock()
+        failures = self._failures[server]
+        failures.times.append(now)
+        failures.last_reason = reason
+        outlier = self._outlier
+        if outlier is None:
+            return
+        if now >= self._next_expiry:
+            self._readmit(now)
+        if server in self._ejected:
+            # Answers still coming back from before the ejection do not extend it.
+            return
+        server.consecutive_failures += 1
+        if server.consecutive_failures < outlier.consecutive_failures:
+            return
+        if len(self._ejected) >= self._max_ejected:
+            logger.debug(
+                "server %s of upstream %r is failing but %d server(s) are already ejected",
+                server.url,
+                self._name,
+                len(self._ejected),
+                extra={"upstream": self._name, "server": server.url, "reason": reason},
+            )
+            return
+        # Envoy-style decay: each base_ejection_time the server has been back (since its
+        # last ejection ended) takes one doubling off the next ejection.
+        if server.ejections and server.ejected_until:
+            healthy_for = max(0.0, now - server.ejected_until)
+            server.ejections = max(0, server.ejections - int(healthy_for // outlier.base_ejection_time))
+        duration = min(
+            outlier.max_ejection_time,
+            outlier.base_ejection_time * 2 ** min(server.ejections, _MAX_DOUBLINGS),
+        )
+        server.ejections += 1
+        server.ejected_until = now + duration
+        server.consecutive_failures = 0
+        self._ejected.add(server)
+        logger.warning(
+            "ejected server %s of upstream %r for %gs after %d consecutive failures (last: %s)",
+            server.url,
+            self._name,
+            duration,
+            outlier.consecutive_failures,
+            reason,
+            extra={"upstream": self._name, "server": server.url, "reason": reason},
+        )
+        self._events.ejected(server, duration, exchange)
+        self._recompute(now)

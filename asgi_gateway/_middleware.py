@@ -1,0 +1,358 @@
+"""`GatewayMiddleware` and the standalone `Gateway` ASGI app."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+import sniffio
+
+from ._config import GatewayConfig, load_config
+from ._exceptions import BadRequest, GatewayError
+from ._proxy import (
+    ClientDisconnected,
+    TrustedProxies,
+    make_request_id,
+    read_body,
+    relay,
+    sane_request_id,
+    send_error,
+    upstream_headers,
+)
+from ._routing import Router
+from ._stack import UpstreamStack, build_stacks
+from ._telemetry import Telemetry
+from ._types import Exchange, Request, Response, Transport
+from ._transports.httpx import HttpxTransport
+
+__all__ = ["Gateway", "GatewayMiddleware"]
+
+logger = logging.getLogger("asgi_gateway")
+
+ASGIApp = Any
+Scope = dict[str, Any]
+ConfigSource = GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]
+UserTransport = httpx.AsyncClient | httpx.AsyncBaseTransport | Transport
+
+
+class _AutoTransport(Transport):
+    """Opens the real transport on first use, once the async library is known.
+
+    The built-in HTTP/1.1 pool runs on asyncio; under trio the httpx adapter takes over.
+    """
+
+    def __init__(self, user: UserTransport | None) -> None:
+        self._user = user
+        self._inner: Transport | None = None
+
+    def _open(self) -> Transport:
+        if isinstance(self._user, Transport):
+            self._inner = self._user
+        elif self._user is not None:
+            self._inner = HttpxTransport(self._user)
+        elif sniffio.current_async_library() == "asyncio":
+            from ._transports.pool import PoolTransport
+
+            self._inner = PoolTransport()
+        else:
+            logger.warning("the built-in HTTP/1.1 pool needs asyncio; using the httpx transport under trio")
+            self._inner = HttpxTransport()
+        return self._inner
+
+    async def handle_request(self, request: Request) -> Response:
+        inner = self._inner or self._open()
+        return await inner.handle_request(request)
+
+    def open(self) -> None:
+        if self._inner is None:
+            self._open()
+
+    async def aclose(self) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            await inner.aclose()
+
+
+class Gateway:
+    """The gateway as an ASGI app: forwards matching requests, answers 404 to the rest.
+
+    Mount it (`app.mount("/", gateway)`) with `FastAPI(lifespan=gateway.lifespan)`, or
+    wrap an app with `GatewayMiddleware`, which sends the rest to that app instead.
+
+    `config` is a mapping, a path to a .toml/.yaml/.yml/.json file or a `GatewayConfig`.
+    `transport`, an `httpx.AsyncClient` or `httpx.AsyncBaseTransport`, replaces the
+    built-in HTTP/1.1 client (for HTTP/2, custom TLS or test doubles).
+    """
+
+    def __init__(
+        self,
+        config: ConfigSource,
+        *,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+        transport: UserTransport | None = None,
+        app: ASGIApp | None = None,
+    ) -> None:
+        self.config = load_config(config)
+        self.app = app
+        self.router = Router(self.config)
+        self._trusted = TrustedProxies(self.config.trusted_proxies)
+        self._needs_host = any(route.host is not None for route in self.router.routes)
+        self.telemetry = Telemetry(tracer_provider, meter_provider)
+        self._transport = _AutoTransport(transport)
+        self.stacks: Mapping[str, UpstreamStack] = build_stacks(self.config, self._transport, self.telemetry)
+        self._status_path = self.config.status_path.encode() if self.config.status_path else None
+        self._running = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Run the background work (health checks) and close connections on exit."""
+        self._transport.open()
+        self._running += 1
+        try:
+            async with anyio.create_task_group() as tg:
+                if self._running == 1:
+                    for stack in self.stacks.values():
+                        if stack.checker is not None:
+                            tg.start_soon(stack.checker.run, name=f"health check {stack.config.name}")
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                with anyio.CancelScope(shield=True):
+                    await self._transport.aclose()
+
+    def lifespan(self, app: object = None) -> contextlib.AbstractAsyncContextManager[None]:
+        """For `FastAPI(lifespan=gateway.lifespan)` / `Starlette(lifespan=...)`."""
+        return self.running()
+
+    def status(self) -> dict[str, Any]:
+        """Every upstream's servers and their state."""
+        return {"upstreams": {name: stack.status() for name, stack in self.stacks.items()}}
+
+    # -- ASGI ------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.handle_http(scope, receive, send)
+        elif kind == "lifespan" and self.app is None:
+            await self._own_lifespan(receive, send)
+        elif self.app is not None:
+            await self.app(scope, receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1000})
+
+    async def _own_lifespan(self, receive: Any, send: Any) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        try:
+            async with self.running():
+                await send({"type": "lifespan.startup.complete"})
+                message = await receive()
+        except Exception as exc:
+            logger.exception("gateway lifespan failed")
+            await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def handle_http(self, scope: Scope, receive: Any, send: Any) -> None:
+        method: str = scope["method"]
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        if self.app is None and scope.get("root_path"):
+            root = scope["root_path"].encode("utf-8")
+            if raw_path.startswith(root):
+                raw_path = raw_path[len(root) :] or b"/"
+        if self._status_path is not None and raw_path == self._status_path and method in ("GET", "HEAD"):
+            await self._send_status(send)
+            return
+        host = _host_of(scope) if self._needs_host else None
+        try:
+            match = self.router.match(method, host, raw_path)
+        except BadRequest as exc:
+            await send_error(send, exc, make_request_id())
+            return
+        if match is None:
+            if self.app is not None:
+                await self.app(scope, receive, send)
+            else:
+                await _not_found(send)
+            return
+        route, path = match
+        stack = self.stacks[route.upstream]
+        upstream = stack.config
+
+        client = scope.get("client")
+        peer = client[0] if client else None
+        scheme = scope.get("scheme", "http")
+        trusted = bool(self._trusted) and peer in self._trusted
+        headers, incoming = upstream_headers(scope["headers"], client_host=peer, scheme=scheme, trusted=trusted)
+        request_id = (
+            incoming.request_id.decode("ascii")
+            if incoming.request_id is not None and sane_request_id(incoming.request_id)
+            else make_request_id()
+        )
+        headers.append((b"x-request-id", request_id.encode()))
+        client_ip = self._trusted.client_address(peer, incoming.forwarded_for) if trusted else peer
+        query: bytes = scope.get("query_string", b"")
+        target = path + b"?" + query if query else path
+
+        exchange = Exchange(
+            request_id=request_id,
+            route=route.path,
+            upstream=upstream,
+            client_ip=client_ip or "",
+            path=path.decode("latin-1"),
+            scheme=scheme,
+        )
+        token = self.telemetry.start(scope, route, exchange)
+        status = 500
+        error: BaseException | None = None
+        try:
+            try:
+                length = _content_length(incoming.content_length)
+                body = await read_body(
+                    receive,
+                    length=length,
+                    chunked=incoming.transfer_encoding is not None,
+                    keep=upstream.retry.buffer_limit if upstream.retry.attempts > 1 else 0,
+                    limit=route.max_body_size,
+                )
+            except GatewayError as exc:
+                error = exc
+                status = await send_error(send, exc, request_id)
+                return
+            request = Request(
+                method=method,
+                target=target,
+                headers=headers,
+                body=body,
+                exchange=exchange,
+                host=incoming.host if route.preserve_host else None,
+            )
+            status, error = await relay(stack.handler, request, receive, send, body.replayable)
+        except ClientDisconnected as exc:
+            status, error = 499, exc
+        except Exception as exc:
+            # A bug of ours must still give the client a short JSON answer, not a traceback.
+            logger.exception("unexpected error while proxying", extra={"request_id": request_id})
+            error = exc
+            if not exchange.committed:
+                status = await send_error(send, GatewayError("internal error"), request_id)
+        finally:
+            self.telemetry.finish(token, exchange, status, error)
+
+    async def _send_status(self, send: Any) -> None:
+        body = json.dumps(self.status(), default=str).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _host_of(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host: str = value.decode("latin-1").lower()
+            if host.startswith("["):
+                return host[: host.find("]") + 1]
+            return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
+    return None
+
+
+def _content_length(value: bytes | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise BadRequest("invalid Content-Length")
+    return int(value)
+
+
+async def _not_found(send: Any) -> None:
+    body = b'{"error":"not_found","detail":"no route matches this request"}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 404, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GatewayMiddleware:
+    """Forward the requests that match a route; everything else reaches `app` untouched.
+
+    `app.add_middleware(GatewayMiddleware, config="gateway.toml")`. The keyword
+    arguments are those of `Gateway`. The gateway starts and stops with the app's
+    lifespan (health checks, connection pool).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        config: ConfigSource,
+        *,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+        transport: UserTransport | None = None,
+    ) -> None:
+        self.app = app
+        self.gateway = Gateway(
+            config,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            transport=transport,
+            app=app,
+        )
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self.gateway.handle_http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Any, send: Any) -> None:
+        # The gateway runs in a task of its own from the app's startup until after its
+        # shutdown, so its task group is entered and left in one place.
+        stop = anyio.Event()
+        stopped = anyio.Event()
+        started = False
+
+        async def run_gateway(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            try:
+                async with self.gateway.running():
+                    task_status.started()
+                    await stop.wait()
+            finally:
+                stopped.set()
+
+        async with anyio.create_task_group() as tg:
+
+            async def wrapped_receive() -> Any:
+                nonlocal started
+                message = await receive()
+                if message["type"] == "lifespan.startup" and not started:
+                    started = True
+                    await tg.start(run_gateway)
+                return message
+
+            async def wrapped_send(message: Any) -> None:
+                if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                    stop.set()
+                    if started:
+                        await stopped.wait()
+                await send(message)
+
+            try:
+                await self.app(scope, wrapped_receive, wrapped_send)
+            finally:
+                stop.set()

@@ -1,0 +1,327 @@
+"""The ASGI ⇄ upstream relay and the header rules."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, Final
+
+import anyio
+
+from ._exceptions import GatewayError, PayloadTooLarge, UpstreamError, error_response
+from ._types import Exchange, Handler, Headers, Request, RequestBody, Response
+
+__all__ = ["ClientDisconnected", "TrustedProxies", "relay"]
+
+logger = logging.getLogger("asgi_gateway")
+
+ASGIScope = dict[str, Any]
+ASGIReceive = Any
+ASGISend = Any
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Set by the gateway itself on the way up: whatever the client sent under these names is replaced.
+# Expect is answered by the server in front of us, which then reads the body for us.
+_REPLACED_UP: Final = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id", b"expect"}
+_FORWARDED_UP: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+_REPLACED_DOWN: Final = HOP_BY_HOP | {b"x-request-id"}
+_REQUEST_ID_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+=/")
+_NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+
+
+class ClientDisconnected(Exception):
+    """The client went away; nothing more can be sent to it."""
+
+
+class TrustedProxies:
+    """Addresses whose X-Forwarded-* headers are believed, parsed once."""
+
+    def __init__(self, specs: Iterable[str]) -> None:
+        self.always = False
+        self.hosts: set[str] = set()
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for spec in specs:
+            if spec == "*":
+                self.always = True
+                continue
+            network = ipaddress.ip_network(spec, strict=False)
+            if network.num_addresses == 1:
+                self.hosts.add(str(network.network_address))
+            else:
+                self.networks.append(network)
+
+    def __bool__(self) -> bool:
+        return self.always or bool(self.hosts) or bool(self.networks)
+
+    def __contains__(self, host: str | None) -> bool:
+        if host is None:
+            return False
+        if self.always or host in self.hosts:
+            return True
+        if not self.networks:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+    def client_address(self, peer: str | None, forwarded_for: bytes | None) -> str | None:
+        """The first address, from the right of the chain, that is not a trusted proxy."""
+        if forwarded_for is None or peer not in self:
+            return peer
+        hops = [hop.strip() for hop in forwarded_for.decode("latin-1").split(",")]
+        for hop in reversed(hops):
+            if hop and hop not in self:
+                return hop
+        return hops[0] or peer
+
+
+def make_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def sane_request_id(value: bytes) -> bool:
+    return 0 < len(value) <= 128 and all(c in _REQUEST_ID_CHARS for c in value)
+
+
+def _connection_tokens(value: bytes) -> set[bytes]:
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+class IncomingHeaders:
+    """The request headers the gateway itself reads."""
+
+    __slots__ = ("content_length", "forwarded_for", "host", "request_id", "transfer_encoding")
+
+    def __init__(self) -> None:
+        self.host: bytes | None = None
+        self.content_length: bytes | None = None
+        self.transfer_encoding: bytes | None = None
+        self.request_id: bytes | None = None
+        self.forwarded_for: bytes | None = None
+
+
+def upstream_headers(
+    scope_headers: Iterable[tuple[bytes, bytes]],
+    *,
+    client_host: str | None,
+    scheme: str,
+    trusted: bool,
+) -> tuple[Headers, IncomingHeaders]:
+    """Headers to send upstream (X-Request-Id still to add), and the ones the gateway reads.
+
+    Hop-by-hop headers and those named in Connection go; the gateway's own headers are
+    added after that, so no header can name them away.
+    """
+    host = content_length = transfer_encoding = request_id_in = forwarded_for = None
+    forwarded_proto = forwarded_host = None
+    dropped: set[bytes] | None = None
+    kept: Headers = []
+    for name, value in scope_headers:
+        if name in _REPLACED_UP or name in _FORWARDED_UP:
+            if name == b"host":
+                host = value
+            elif name == b"content-length":
+                content_length = value
+            elif name == b"transfer-encoding":
+                transfer_encoding = value
+            elif name == b"connection":
+                dropped = _connection_tokens(value) if dropped is None else dropped | _connection_tokens(value)
+            elif name == b"x-request-id":
+                request_id_in = value
+            elif name == b"x-forwarded-for":
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            elif name == b"x-forwarded-proto":
+                forwarded_proto = value
+            elif name == b"x-forwarded-host":
+                forwarded_host = value
+            continue
+        kept.append((name, value))
+    if dropped:
+        kept = [(name, value) for name, value in kept if name not in dropped]
+    client = client_host.encode("latin-1") if client_host else b"unknown"
+    if trusted and forwarded_for:
+        kept.append((b"x-forwarded-for", forwarded_for + b", " + client))
+    else:
+        kept.append((b"x-forwarded-for", client))
+    kept.append((b"x-forwarded-proto", forwarded_proto if trusted and forwarded_proto else scheme.encode()))
+    forwarded_host = forwarded_host if trusted and forwarded_host else host
+    if forwarded_host:
+        kept.append((b"x-forwarded-host", forwarded_host))
+    incoming = IncomingHeaders()
+    incoming.host = host
+    incoming.content_length = content_length
+    incoming.transfer_encoding = transfer_encoding
+    incoming.request_id = request_id_in
+    incoming.forwarded_for = forwarded_for
+    return kept, incoming
+
+
+def downstream_headers(headers: Headers, request_id: bytes) -> Headers:
+    """Headers to send to the client: hop-by-hop removed, our X-Request-Id added."""
+    dropped: set[bytes] | None = None
+    out: Headers = []
+    for name, value in headers:
+        if name in _REPLACED_DOWN:
+            if name == b"connection":
+                dropped = _connection_tokens(value) if dropped is None else dropped | _connection_tokens(value)
+            continue
+        out.append((name, value))
+    if dropped:
+        out = [(name, value) for name, value in out if name not in dropped]
+    out.append((b"x-request-id", request_id))
+    return out
+
+
+async def read_body(
+    receive: ASGIReceive,
+    *,
+    length: int | None,
+    chunked: bool,
+    keep: int,
+    limit: int | None,
+) -> RequestBody:
+    """Read the request body: up to `keep` bytes are buffered for replay, the rest streams."""
+    if length is None and not chunked:
+        return RequestBody([], None)
+    if length is not None and limit is not None and length > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit}")
+    if length == 0:
+        return RequestBody([], 0)
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    if length is None or length <= keep:
+        while more and size <= keep:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            if chunk:
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+        if not more:
+            return RequestBody(chunks, size)
+    return RequestBody(chunks, length, _stream_rest(receive, size, limit))
+
+
+async def _stream_rest(receive: ASGIReceive, size: int, limit: int | None) -> AsyncIterator[bytes]:
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        if chunk:
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            yield chunk
+
+
+async def send_error(send: ASGISend, exc: GatewayError, request_id: str) -> int:
+    status, headers, body = error_response(exc, request_id)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    return status
+
+
+async def relay(
+    handler: Handler,
+    request: Request,
+    receive: ASGIReceive,
+    send: ASGISend,
+    body_done: bool,
+) -> tuple[int, BaseException | None]:
+    """Send `request` through `handler` and stream the answer to the client.
+
+    Returns the status the client saw and the error that cut the exchange short,
+    if any. An upstream that fails after the response started leaves the client's
+    response incomplete, so the server closes the connection: a truncated body is
+    never passed off as complete.
+    """
+    exchange = request.exchange
+    try:
+        response = await handler.handle_request(request)
+    except GatewayError as exc:
+        if isinstance(exc, UpstreamError):
+            logger.info(
+                "upstream failed: %s",
+                exc.detail or exc.code,
+                extra={"request_id": exchange.request_id, "upstream": exchange.upstream.name},
+            )
+        return await send_error(send, exc, exchange.request_id), exc
+    except ClientDisconnected as exc:
+        return 499, exc
+    status = response.status
+    error: BaseException | None = None
+    try:
+        headers = downstream_headers(response.headers, exchange.request_id.encode())
+        if body_done or request.body.replayable:
+            error = await _stream_watching_disconnect(response, headers, receive, send, exchange)
+        else:
+            error = await _stream(response, headers, send, exchange)
+    finally:
+        await response.aclose(error)
+    return status, error
+
+
+async def _stream(response: Response, headers: Headers, send: ASGISend, exchange: Exchange) -> BaseException | None:
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    exchange.committed = True
+    try:
+        async for chunk in response.stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except UpstreamError as exc:
+        logger.warning(
+            "upstream response broke off: %s",
+            exc.detail or exc.code,
+            extra={"request_id": exchange.request_id, "upstream": exchange.upstream.name},
+        )
+        return exc
+    except OSError as exc:
+        # Servers following ASGI 2.4 raise OSError from send() once the client is gone.
+        return ClientDisconnected(str(exc))
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return None
+
+
+async def _stream_watching_disconnect(
+    response: Response, headers: Headers, receive: ASGIReceive, send: ASGISend, exchange: Exchange
+) -> BaseException | None:
+    # With the request body read, the only message left to receive is the
+    # disconnect; waiting for it lets a client that leaves cancel the upstream.
+    error: BaseException | None = None
+    result: BaseException | None = None
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        nonlocal error
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                error = ClientDisconnected()
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch, tg.cancel_scope)
+        result = await _stream(response, headers, send, exchange)
+        tg.cancel_scope.cancel()
+    return error or result

@@ -1,0 +1,133 @@
+"""The adapter that sends the gateway's requests through any httpx client or transport."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+
+from .._exceptions import (
+    BadGateway,
+    ConnectError,
+    ConnectionReset,
+    ConnectTimeout,
+    InvalidResponse,
+    ReadTimeout,
+    UpstreamError,
+)
+from .._types import Request, Response, Transport
+
+__all__ = ["HttpxTransport", "map_httpx_error"]
+
+
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that never stores anything: one user's cookies must not reach another."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+def map_httpx_error(exc: httpx.TransportError) -> UpstreamError:
+    """Translate an httpx transport error into the gateway's tree."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return ConnectTimeout(detail)
+    if isinstance(exc, httpx.TimeoutException):
+        return ReadTimeout(detail)
+    if isinstance(exc, httpx.ConnectError):
+        return ConnectError(detail)
+    if isinstance(exc, httpx.RemoteProtocolError):
+        if "without sending" in detail or "peer closed" in detail.lower():
+            return ConnectionReset(detail)
+        return InvalidResponse(detail)
+    if isinstance(exc, httpx.ReadError | httpx.WriteError | httpx.CloseError):
+        return ConnectionReset(detail)
+    if isinstance(exc, httpx.ProtocolError):
+        return InvalidResponse(detail)
+    return BadGateway(detail)
+
+
+class _Stream:
+    __slots__ = ("_response",)
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.TransportError as exc:
+            raise map_httpx_error(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class HttpxTransport(Transport):
+    """Sends requests through an `httpx.AsyncClient` or `httpx.AsyncBaseTransport`.
+
+    Use it for HTTP/2, custom TLS or test doubles. A client passed in belongs to
+    the caller, who closes it; one made here is closed by `aclose()`. Its cookie jar is
+    replaced by one that stores nothing.
+    """
+
+    def __init__(self, client: httpx.AsyncClient | httpx.AsyncBaseTransport | None = None) -> None:
+        self._owned = not isinstance(client, httpx.AsyncClient)
+        if isinstance(client, httpx.AsyncClient):
+            self._client = client
+        else:
+            self._client = httpx.AsyncClient(
+                transport=client,
+                timeout=None,
+                follow_redirects=False,
+                trust_env=False,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+            )
+        self._client._cookies = _NoCookies()
+
+    async def handle_request(self, request: Request) -> Response:
+        server = request.server
+        assert server is not None, "the failover layer sets request.server"
+        url = httpx.URL(scheme=server.scheme, host=server.host, port=server.port)
+        headers = [(b"host", request.host or server.host_header), *request.headers]
+        body = request.body
+        if body.length is not None:
+            headers.append((b"content-length", str(body.length).encode()))
+        elif not body.empty:
+            headers.append((b"transfer-encoding", b"chunked"))
+        read = request.read_timeout
+        timeout = httpx.Timeout(connect=request.connect_timeout, read=read, write=read, pool=request.connect_timeout)
+        http_request = httpx.Request(
+            request.method,
+            url.copy_with(raw_path=request.target),
+            headers=headers,
+            content=None if body.empty else body,
+            extensions={"timeout": timeout.as_dict()},
+        )
+        # httpx computes its own framing headers from `content`; ours are the truth.
+        http_request.headers = httpx.Headers(headers)
+        try:
+            response = await self._client.send(http_request, stream=True)
+        except httpx.TransportError as exc:
+            raise map_httpx_error(exc) from exc
+        network = response.extensions.get("network_stream")
+        peer = None
+        if network is not None:
+            address = network.get_extra_info("server_addr")
+            if isinstance(address, tuple):
+                peer = str(address[0])
+        return Response(
+            status=response.status_code,
+            headers=[(name.lower(), value) for name, value in response.headers.raw],
+            stream=_Stream(response),
+            server=server,
+            peer_address=peer,
+        )
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await self._client.aclose()

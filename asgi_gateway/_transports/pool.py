@@ -1,0 +1,501 @@
+"""The gateway's own keep-alive HTTP/1.1 client, on asyncio protocols and httptools.
+
+One `_HostPool` per (scheme, host, port) keeps the open connections to that server; each
+connection is an `asyncio.Protocol` fed by the socket, parsing responses with httptools'
+`HttpResponseParser` (llhttp, the parser uvicorn uses). The hot path allocates little: the
+request head is joined into one write, the parser and its callbacks live as long as the
+connection, and a response that arrived whole with its head is handed over without waiting.
+
+Back-pressure works both ways: request bodies wait for `resume_writing` when the socket's
+buffer is full, and the socket stops being read while more than `_HIGH_WATER` bytes of
+response body sit unconsumed.
+
+asyncio only: under trio the gateway uses the httpx adapter instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Final
+
+import httptools
+
+from .._exceptions import (
+    BadRequest,
+    ConnectError,
+    ConnectionReset,
+    ConnectTimeout,
+    InvalidResponse,
+    ReadTimeout,
+)
+from .._types import Request, RequestBody, Response, Server, Transport
+
+__all__ = ["PoolTransport"]
+
+# Unconsumed response body above which the socket is no longer read.
+_HIGH_WATER: Final = 65536
+# A response head (status line and headers) larger than this is refused.
+_MAX_HEAD: Final = 65536
+_NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+_METHODS: Final = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+
+_Key = tuple[str, str, int]
+
+
+class _State(enum.Enum):
+    UNOPENED = 1
+    OPENED = 2
+    CLOSED = 3
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection and the state of the exchange running on it."""
+
+    __slots__ = (
+        "_active",
+        "_body_sent",
+        "_buffered",
+        "_chunks",
+        "_done",
+        "_error",
+        "_framed",
+        "_head_bytes",
+        "_head_done",
+        "_headers",
+        "_is_head",
+        "_keep_alive",
+        "_parser",
+        "_raw",
+        "_read_paused",
+        "_received",
+        "_status",
+        "_transport",
+        "_waiter",
+        "_write_paused",
+        "closed",
+        "idle",
+        "idle_since",
+        "loop",
+        "peer_address",
+        "pool",
+        "reused",
+    )
+
+    def __init__(self, pool: _HostPool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.peer_address: str | None = None
+        self.closed = False
+        self.idle = False
+        self.idle_since = 0.0
+        #: True once an exchange completed on it: a failure may then be a stale keep-alive.
+        self.reused = False
+        self._waiter: asyncio.Future[bool] | None = None
+        self._write_paused = False
+        self._active = False
+        self._is_head = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_done = False
+        self._head_bytes = 0
+        self._framed = False
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._read_paused = False
+        self._done = False
+        self._received = False
+        self._error: Exception | None = None
+        self._keep_alive = True
+        self._raw = False
+        self._body_sent = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer_address = str(peer[0])
+
+    def data_received(self, data: bytes) -> None:
+        if self._raw:
+            self.on_body(data)
+            self._wake()
+            return
+        if not self._active or self._done:
+            # Bytes nobody asked for: this connection's framing can no longer be trusted.
+            self._keep_alive = False
+            if not self._active:
+                self.close()
+            return
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # 101 Switching Protocols: whatever follows the head belongs to the new protocol.
+            self._raw = True
+            rest = data[int(exc.args[0]) :]
+            if rest:
+                self.on_body(rest)
+        except httptools.HttpParserError as exc:
+            if not self._done:
+                self._fail(InvalidResponse(f"invalid response from {self.pool.label}: {exc}"))
+            self._keep_alive = False
+        else:
+            if not self._head_done:
+                self._head_bytes += len(data)
+                if self._head_bytes > _MAX_HEAD:
+                    self._fail(InvalidResponse(f"response head from {self.pool.label} is too large"))
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._lost(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc)
+        if not self.closed:
+            self.closed = True
+            self.pool.discard(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._head_done:
+            # A second response to one request: raising stops the parser.
+            raise InvalidResponse("unexpected data after the response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
+            self._framed = True
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200 and status != 101:
+            # Interim response (100 Continue, 103 Early Hints): the real one follows.
+            self._headers = []
+            self._framed = False
+            return
+        self._status = status
+        self._head_done = True
+        self._keep_alive = status != 101 and parser.should_keep_alive()
+        if self._is_head:
+            # httptools cannot be told the request was HEAD, so it would wait for the body that
+            # Content-Length announces: the response ends here, and the parser is replaced.
+            self._done = True
+
+    def on_body(self, body: bytes) -> None:
+        if self._done:
+            self._keep_alive = False
+            return
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._read_paused and self._transport is not None:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._head_done:
+            self._done = True
+
+    # -- state changes --------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    def _lost(self, exc: Exception | None) -> None:
+        """The peer closed the connection (EOF) or it broke."""
+        self._keep_alive = False
+        if not self._active:
+            self.close()
+            return
+        if not self._done and self._error is None:
+            if self._raw or (self._head_done and not self._framed):
+                self._done = True  # a close-delimited body ends here
+            else:
+                where = "the response body" if self._head_done else "any response"
+                reason = f": {exc}" if exc is not None else ""
+                self._error = ConnectionReset(
+                    f"{self.pool.label} closed the connection before the end of {where}{reason}"
+                )
+        self._wake()
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        self.close()
+
+    def close(self) -> None:
+        """Close at once; never reused. Safe to call any number of times."""
+        if self._active and not self._done and self._error is None:
+            self._error = ConnectionReset(f"connection to {self.pool.label} closed")
+        self._wake()
+        if not self.closed:
+            self.closed = True
+            if self._transport is not None:
+                self._transport.abort()
+            self.pool.discard(self)
+
+    def finish(self) -> None:
+        """The response ended: back to the pool if the exchange was clean, else close."""
+        self._active = False
+        if self._keep_alive and self._body_sent and not self.closed and self._error is None:
+            self.reused = True
+            if self._read_paused and self._transport is not None:
+                self._read_paused = False
+                self._transport.resume_reading()
+            self.pool.release(self)
+        else:
+            self.close()
+
+    async def wait(self, deadline: float | None) -> bool:
+        """Wait until the protocol has news; False when `deadline` (loop time) passed first."""
+        waiter: asyncio.Future[bool] = self.loop.create_future()
+        self._waiter = waiter
+        timer = None if deadline is None else self.loop.call_at(deadline, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return None if timeout is None else self.loop.time() + timeout
+
+    # -- the exchange ---------------------------------------------------------------------
+
+    async def send(self, request: Request, head: bytes, length: int | None, chunked: bool) -> Response:
+        """Send `request` (its head already encoded) and return the response head.
+
+        On any exception (cancellation included) the connection is closed.
+        """
+        if self._is_head:
+            self._parser = httptools.HttpResponseParser(self)
+        self._reset()
+        self._active = True
+        self._is_head = request.method == "HEAD"
+        transport = self._transport
+        assert transport is not None
+        timeout = request.read_timeout
+        try:
+            if head:
+                transport.write(head)
+                self._body_sent = True
+            else:
+                await self._send_streamed(request, length, chunked, timeout)
+            deadline = self._deadline(timeout)
+            while not self._head_done:
+                if self._error is not None:
+                    raise self._error
+                if not await self.wait(deadline):
+                    raise ReadTimeout(f"no response from {self.pool.label} within {timeout}s")
+        except BaseException:
+            self.close()
+            raise
+        stream: _BodyStream | _DoneStream
+        if self._done:
+            # The whole response came with its head: free the connection right away.
+            stream = _DoneStream(self.take() if self._chunks else b"")
+            self.finish()
+        else:
+            stream = _BodyStream(self, timeout)
+        return Response(
+            self._status, self._headers, stream, server=request.server, peer_address=self.peer_address
+        )
+
+    async def _send_streamed(
+        self, request: Request, length: int | None, chunked: bool, timeout: float | None
+    ) -> None:
+        transport = self._transport
+        assert transport is not None
+        transport.write(_encode_head(request, length, chunked))
+        body = request.body
+        iterator = body.__aiter__()
+        sent = 0
+        try:
+            async for chunk in iterator:
+                if self._head_done or self.closed:
+                    # The upstream answered (413, say) or gave up before taking the whole body.
+                    return
+                sent += len(chunk)
+                if length is not None and sent > length:
+                    raise BadRequest(f"request body is longer than its Content-Length of {length}")
+                if chunked:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    transport.write(chunk)
+                if self._write_paused:
+                    await self._drain(timeout)
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if length is not None and sent != length:
+            raise BadRequest(f"request body ended after {sent} of {length} bytes")
+        if self.closed:
+            return
+        if chunked:
+            transport.write(_LAST_CHUNK)
+        self._body_sent = True
+
+    async def _drain(self, timeout: float | None) -> None:
+        deadline = self._deadline(timeout)
+        while self._write_paused and not self.closed and not self._head_done:
+            if not await self.wait(deadline):
+                raise ReadTimeout(f"{self.pool.label} did not take the request body within {timeout}s")
+
+    def take(self) -> bytes:
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._read_paused and self._transport is not None:
+            self._read_paused = False
+            self._transport.resume_reading()
+        return data
+
+    async def next_body(self, timeout: float | None) -> bytes | None:
+        """The next piece of response body; None at its clean end."""
+        deadline = None
+        while True:
+            if self._chunks:
+                return self.take()
+            if self._done:
+                return None
+            if self._error is not None:
+                raise self._error
+            if deadline is None:
+                deadline = self._deadline(timeout)
+            if not await self.wait(deadline):
+                raise ReadTimeout(f"{self.pool.label} sent no response body for {timeout}s")
+
+
+class _BodyStream:
+    """A response body still arriving on its connection."""
+
+    __slots__ = ("_conn", "_timeout")
+
+    def __init__(self, conn: _Connection, timeout: float | None) -> None:
+        self._conn: _Connection | None = conn
+        self._timeout = timeout
+
+    def __aiter__(self) -> _BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        conn = self._conn
+        if conn is None:
+            raise StopAsyncIteration
+        if conn._chunks:
+            return conn.take()
+        try:
+            data = await conn.next_body(self._timeout)
+        except BaseException:
+            self._conn = None
+            conn.close()
+            raise
+        if data is None:
+            self._conn = None
+            conn.finish()
+            raise StopAsyncIteration
+        return data
+
+    async def aclose(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            if conn._done and not conn._chunks and conn._error is None:
+                conn.finish()
+            else:
+                conn.close()
+
+
+class _DoneStream:
+    """A response body that had fully arrived when the response was returned."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = self._data
+        if not data:
+            raise StopAsyncIteration
+        self._data = b""
+        return data
+
+    async def aclose(self) -> None:
+        self._data = b""
+
+
+def _encode_head(request: Request, length: int | None, chunked: bool) -> bytes:
+    server = request.server
+    assert server is not None
+    method = request.method
+    parts = [
+        _METHODS.get(method) or method.encode("ascii"),
+        b" ",
+        request.target or b"/",
+        b" HTTP/1.1\r\nhost: ",
+        request.host or server.host_header,
+        b"\r\n",
+    ]
+    for name, value in request.headers:
+        parts += (name, b": ", value, b"\r\n")
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
+    elif length is None:
+        parts.append(b"\r\n")
+    else:
+        parts.append(b"content-length: %d\r\n\r\n" % length)
+    return b"".join(parts)
+
+
+def _framing(method: str, body: RequestBody) -> tuple[int | None, bool]:
+    """The request's framing: (Content-Length or None, chunked)."""
+    length = body.length
+    if length is not None:
+        return length, False
+    if not body.replayable:
+        return None, True
+    # A buffered body's size is known, so it goes with a Content-Length rather than chunked.
+    length = sum(map(len, body.chunks))
+    if length == 0 and method in _NO_BODY_METHODS:
+        return None, False
+    return length, False
+
+

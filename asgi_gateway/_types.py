@@ -1,0 +1,246 @@
+"""The gateway's own minimal request and response types, shared by every layer.
+
+Every layer (retry, failover, telemetry) and every transport implements `Handler`:
+take a `Request`, return a `Response`. Bodies are async byte iterators, headers are
+lists of raw `(name, value)` byte pairs with lower-case names.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ._config import UpstreamConfig
+
+__all__ = [
+    "Exchange",
+    "Handler",
+    "Headers",
+    "Request",
+    "RequestBody",
+    "Response",
+    "ResponseStream",
+    "Server",
+    "Transport",
+]
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class ResponseStream(Protocol):
+    """A response body: iterate for chunks, then always `aclose()`."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RequestBody:
+    """The request body going upstream.
+
+    A buffered body (`chunks` holds all of it) can be sent any number of times; a
+    streamed one only once. `length` is the byte count when known in advance
+    (sent as Content-Length), else None (sent chunked).
+    """
+
+    __slots__ = ("_rest", "chunks", "length", "started")
+
+    def __init__(
+        self,
+        chunks: list[bytes],
+        length: int | None,
+        rest: AsyncIterator[bytes] | None = None,
+    ) -> None:
+        self.chunks = chunks
+        self.length = length
+        self._rest = rest
+        self.started = False
+
+    @property
+    def replayable(self) -> bool:
+        return self._rest is None
+
+    @property
+    def empty(self) -> bool:
+        return self._rest is None and not any(self.chunks)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        if self.started and self._rest is not None:
+            raise RuntimeError("a streamed request body cannot be sent twice")
+        self.started = True
+        for chunk in self.chunks:
+            if chunk:
+                yield chunk
+        if self._rest is not None:
+            async for chunk in self._rest:
+                if chunk:
+                    yield chunk
+
+
+EMPTY_BODY_CHUNKS: list[bytes] = []
+
+
+@dataclass(slots=True, eq=False)
+class Server:
+    """One configured upstream server, with the live state the layers keep on it."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    weight: int = 1
+    backup: bool = False
+    index: int = 0
+    upstream: str = ""
+    #: Host header value for this server, e.g. b"127.0.0.1:9001".
+    host_header: bytes = b""
+    #: Requests in flight now (least_connections reads it).
+    in_flight: int = 0
+    #: Active health check verdict; True unless checks say otherwise.
+    healthy: bool = True
+    #: Passive outlier detection: monotonic time until which the server is ejected.
+    ejected_until: float = 0.0
+    ejections: int = 0
+    consecutive_failures: int = 0
+    recent_failures: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"Server({self.url!r})"
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """What the layers share about one client request across its attempts."""
+
+    request_id: str
+    route: str
+    upstream: UpstreamConfig
+    client_ip: str
+    path: str
+    scheme: str
+    #: Servers already tried, in order.
+    tried: list[Server] = field(default_factory=list)
+    #: Attempts made so far (1 during the first attempt).
+    attempts: int = 0
+    #: The server span (or None when not traced); layers add events to it.
+    span: Any = None
+    #: The last server an attempt went to.
+    server: Server | None = None
+    #: Set by the proxy as soon as the first response byte goes to the client.
+    committed: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """A request on its way upstream.
+
+    `target` is the raw path and query as they go on the request line. `headers`
+    hold no Host: the transport sends `host` when set (preserve_host) or the
+    server's own. The failover layer sets `server` for each attempt.
+    """
+
+    method: str
+    target: bytes
+    headers: Headers
+    body: RequestBody
+    exchange: Exchange
+    host: bytes | None = None
+    server: Server | None = None
+    connect_timeout: float | None = None
+    read_timeout: float | None = None
+
+
+CloseCallback = Callable[["Response", "BaseException | None"], None]
+
+
+@dataclass(slots=True, eq=False)
+class Response:
+    """A response coming back from upstream. Always `aclose()` it."""
+
+    status: int
+    headers: Headers
+    stream: ResponseStream
+    server: Server | None = None
+    #: Peer IP address of the connection, when the transport knows it.
+    peer_address: str | None = None
+    _callbacks: list[CloseCallback] | None = None
+    _closed: bool = False
+
+    def on_close(self, callback: CloseCallback) -> None:
+        """Run `callback(response, error)` once the response is closed."""
+        if self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    async def aclose(self, error: BaseException | None = None) -> None:
+        """Release the connection. `error` is why the body was not read to its end, if so."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.stream.aclose()
+        finally:
+            if self._callbacks is not None:
+                for callback in reversed(self._callbacks):
+                    callback(self, error)
+
+
+class Handler(abc.ABC):
+    """The one interface every layer and transport implements."""
+
+    @abc.abstractmethod
+    async def handle_request(self, request: Request) -> Response:
+        """Send `request` and return the response head, with its body still to read.
+
+        Raises an `UpstreamError` subclass on failure.
+        """
+
+    async def aclose(self) -> None:
+        """Release whatever the handler holds."""
+
+
+class Transport(Handler):
+    """The bottom of the stack: sends `request` to `request.server` on the wire."""
+
+
+class GatewayEvents:
+    """Hooks the layers call when something worth telling happens.
+
+    The base class does nothing; the telemetry side overrides these to add span
+    events, count metrics and log. Implementations must never raise.
+    """
+
+    def retry(self, exchange: Exchange, attempt: int, reason: str, backoff: float) -> None:
+        """Attempt number `attempt` (2, 3, …) starts after `backoff` seconds because of `reason`."""
+
+    def retry_budget_exhausted(self, exchange: Exchange, reason: str) -> None:
+        """A retry was wanted for `reason` but the retry budget refused it."""
+
+    def ejected(self, server: Server, duration: float, exchange: Exchange | None) -> None:
+        """Outlier detection ejected `server` for `duration` seconds."""
+
+    def readmitted(self, server: Server) -> None:
+        """An ejected server's time is up; it takes traffic again."""
+
+    def health_changed(self, server: Server, healthy: bool) -> None:
+        """The active health check changed `server`'s state."""
+
+    def failover(self, exchange: Exchange, group: str) -> None:
+        """A request was sent to `group` ("backup" or "panic") instead of the primaries."""
+
+    def available_changed(self, upstream: str, available: int) -> None:
+        """The number of servers available for `upstream` changed."""
+
+
+NULL_EVENTS = GatewayEvents()

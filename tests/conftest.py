@@ -1,0 +1,120 @@
+"""Shared fixtures: real upstream processes and real gateways on 127.0.0.1.
+
+- `upstreams` (session): three `UpstreamProcess`es named u1, u2, u3. Before each test that uses
+  them they are made running again (continued / restarted) and reset (counters, fail mode,
+  health), so no test inherits another's damage.
+- `upstream_factory` (function): start extra upstreams a test may kill; all closed afterwards.
+- `gateway_factory(config, **kwargs) -> base_url`: a Starlette host app with its own routes
+  (`/local`, and a catch-all answering `{"host_app": true, ...}`) wrapped by
+  `GatewayMiddleware(config=config, **kwargs)`, served by uvicorn in a thread.
+- `standalone_gateway_factory(config, **kwargs) -> base_url`: `Gateway(config, **kwargs)` served alone.
+- `serve`: `serve(app, **uvicorn_kwargs) -> base_url` for any ASGI app, stopped after the test.
+- `anyio_backend`: asyncio by default; test modules that claim trio parametrize their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from servers import UpstreamProcess, make_host_app, serve_app, start_upstreams
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass(frozen=True)
+class Upstreams:
+    """The three session upstreams: `.u1`, `.u2`, `.u3`, iterable, indexable by name."""
+
+    u1: UpstreamProcess
+    u2: UpstreamProcess
+    u3: UpstreamProcess
+
+    def __iter__(self) -> Iterator[UpstreamProcess]:
+        return iter((self.u1, self.u2, self.u3))
+
+    def __getitem__(self, name: str) -> UpstreamProcess:
+        return {"u1": self.u1, "u2": self.u2, "u3": self.u3}[name]
+
+    def by_name(self) -> dict[str, UpstreamProcess]:
+        return {upstream.name: upstream for upstream in self}
+
+    def reset(self) -> None:
+        """Make every one run again and forget what earlier tests did to it."""
+        for upstream in self:
+            upstream.ensure_running()
+            upstream.reset()
+
+
+@pytest.fixture(scope="session")
+def upstreams() -> Iterator[Upstreams]:
+    processes = start_upstreams("u1", "u2", "u3")
+    try:
+        yield Upstreams(*processes)
+    finally:
+        for process in processes:
+            process.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstreams(request: pytest.FixtureRequest) -> None:
+    # Only for tests that asked for the session upstreams: others must not pay for them.
+    if "upstreams" in request.fixturenames:
+        request.getfixturevalue("upstreams").reset()
+
+
+@pytest.fixture
+def upstream_factory() -> Iterator[Callable[..., UpstreamProcess]]:
+    """`upstream_factory(name="x", port=None) -> UpstreamProcess`, started and ready."""
+    started: list[UpstreamProcess] = []
+
+    def factory(name: str = "extra", port: int | None = None) -> UpstreamProcess:
+        upstream = UpstreamProcess(name, port)
+        started.append(upstream)
+        return upstream.start()
+
+    try:
+        yield factory
+    finally:
+        for upstream in started:
+            upstream.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., str]]:
+    """`serve(app, **uvicorn_kwargs) -> base_url`; every server is stopped after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def factory(app: Any, **uvicorn_kwargs: Any) -> str:
+            return stack.enter_context(serve_app(app, **uvicorn_kwargs))
+
+        yield factory
+
+
+@pytest.fixture
+def gateway_factory(serve: Callable[..., str]) -> Callable[..., str]:
+    """`gateway_factory(config, **GatewayMiddleware_kwargs) -> base_url` of a host app behind it."""
+
+    def factory(config: Any, **kwargs: Any) -> str:
+        return serve(make_host_app(config, **kwargs))
+
+    return factory
+
+
+@pytest.fixture
+def standalone_gateway_factory(serve: Callable[..., str]) -> Callable[..., str]:
+    """`standalone_gateway_factory(config, **Gateway_kwargs) -> base_url` of a bare `Gateway`."""
+
+    def factory(config: Any, **kwargs: Any) -> str:
+        from asgi_gateway import Gateway
+
+        return serve(Gateway(config, **kwargs))
+
+    return factory

@@ -1,0 +1,227 @@
+"""End to end: bodies stream both ways with bounded memory, SSE chunk by chunk, raw bytes, disconnects.
+
+The gateway runs in this process (uvicorn in a thread), so this process's RSS bounds its memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from conftest import Upstreams
+from servers import RawConnection, wait_until
+from upstream_app import gzip_body, pattern_block, stream_sha256
+
+MiB = 1024 * 1024
+RSS_BOUND = 64 * MiB
+
+
+def one_upstream_config(url: str, **upstream: Any) -> dict[str, Any]:
+    return {
+        "routes": [{"path": "/", "upstream": "one"}],
+        "upstreams": {"one": {"servers": [url], **upstream}},
+        "max_body_size": None,
+    }
+
+
+@pytest.fixture
+def gateway(upstreams: Upstreams, gateway_factory: Callable[..., str]) -> str:
+    return gateway_factory(one_upstream_config(upstreams.u1.url))
+
+
+class PeakRSS:
+    def __init__(self) -> None:
+        self.baseline = 0
+        self.peak = 0
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline
+
+
+@contextmanager
+def peak_rss() -> Iterator[PeakRSS]:
+    """Sample this process's RSS every few milliseconds while the block runs."""
+    process = psutil.Process()
+    result = PeakRSS()
+    result.baseline = result.peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            result.peak = max(result.peak, process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join(5)
+        result.peak = max(result.peak, process.memory_info().rss)
+
+
+def test_large_download_streams_with_bounded_memory(gateway: str) -> None:
+    n, size = 3200, 64 * 1024  # 200 MiB
+    digest = hashlib.sha256()
+    received = 0
+    with peak_rss() as rss, httpx.Client(base_url=gateway, timeout=30) as client:
+        with client.stream("GET", f"/stream?n={n}&size={size}") as response:
+            assert response.status_code == 200
+            assert response.headers["content-length"] == str(n * size)
+            for chunk in response.iter_raw():
+                digest.update(chunk)
+                received += len(chunk)
+    assert received == n * size
+    assert digest.hexdigest() == stream_sha256(n, size)
+    assert rss.growth < RSS_BOUND, f"RSS grew by {rss.growth / MiB:.1f} MiB relaying {n * size / MiB:.0f} MiB"
+
+
+def test_chunked_download_keeps_its_bytes(gateway: str) -> None:
+    n, size = 256, 32 * 1024 + 7
+    with httpx.Client(base_url=gateway, timeout=30) as client:
+        with client.stream("GET", f"/stream?n={n}&size={size}&chunked=1") as response:
+            assert response.status_code == 200
+            assert "content-length" not in response.headers
+            body = b"".join(response.iter_raw())
+    assert hashlib.sha256(body).hexdigest() == stream_sha256(n, size)
+
+
+def test_large_upload_streams_with_bounded_memory(gateway: str) -> None:
+    block = pattern_block(MiB)
+    count = 200
+
+    def body() -> Iterator[bytes]:
+        for _ in range(count):
+            yield block
+
+    expected = hashlib.sha256()
+    for _ in range(count):
+        expected.update(block)
+    with peak_rss() as rss, httpx.Client(base_url=gateway, timeout=30) as client:
+        response = client.post("/upload", content=body(), headers={"content-length": str(count * MiB)})
+    assert response.status_code == 200, response.text
+    seen = response.json()
+    assert seen["length"] == count * MiB
+    assert seen["sha256"] == expected.hexdigest()
+    assert rss.growth < RSS_BOUND, f"RSS grew by {rss.growth / MiB:.1f} MiB relaying {count} MiB upstream"
+
+
+def test_chunked_upload_keeps_its_bytes(gateway: str) -> None:
+    chunks = [pattern_block(1000 + i) for i in range(300)]
+    with httpx.Client(base_url=gateway, timeout=30) as client:
+        response = client.put("/upload", content=iter(chunks))
+    assert response.status_code == 200
+    data = b"".join(chunks)
+    assert response.json()["length"] == len(data)
+    assert response.json()["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_upload_reaches_upstream_before_the_body_ends(upstreams: Upstreams, gateway: str) -> None:
+    total = 4 * MiB
+    first = pattern_block(MiB)
+    with RawConnection.to(gateway) as conn:
+        conn.send(f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode() + first)
+        # The upstream starts on this request while three quarters of the body are still unsent.
+        wait_until(
+            lambda: upstreams.u1.stats()["in_flight"].get("upload") == 1,
+            message="the upload to start upstream",
+        )
+        for _ in range(3):
+            conn.send(first)
+        response = conn.read_response()
+    assert response.status == 200
+    assert response.json()["length"] == total
+    assert response.json()["sha256"] == hashlib.sha256(first * 4).hexdigest()
+
+
+def test_server_sent_events_arrive_one_by_one(upstreams: Upstreams, gateway: str) -> None:
+    # Event i (i >= 1) is only produced once the test releases it after receiving event i-1,
+    # so a gateway that buffered the response would never deliver event 0 (read timeout).
+    n = 4
+    received: list[str] = []
+    with httpx.Client(base_url=gateway, timeout=httpx.Timeout(10, read=5)) as client:
+        with client.stream("GET", f"/sse?n={n}&gate=sse-test") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                received.append(line)
+                if len(received) < n:
+                    assert upstreams.u1.stats()["completed"].get("sse", 0) == 0
+                    upstreams.u1.release("sse-test")
+    assert received == [f"data: event {i}" for i in range(n)]
+
+
+def test_gzip_body_is_relayed_untouched(gateway: str) -> None:
+    expected = gzip_body(50_000)
+    with RawConnection.to(gateway) as conn:
+        conn.send(b"GET /gzip?size=50000 HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n")
+        response = conn.read_response()
+    assert response.complete
+    assert response.header("content-encoding") == b"gzip"
+    assert response.header("content-length") == str(len(expected)).encode()
+    assert response.header_list("content-length") == [str(len(expected)).encode()]
+    assert "transfer-encoding" not in {k.decode() for k, _ in response.headers}
+    assert response.body == expected
+
+
+def test_gzip_body_is_relayed_untouched_without_accept_encoding(gateway: str) -> None:
+    expected = gzip_body(20_000)
+    with RawConnection.to(gateway) as conn:
+        conn.send(b"GET /gzip HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = conn.read_response()
+    assert response.header("content-encoding") == b"gzip"
+    assert response.body == expected
+
+
+def test_client_disconnect_mid_download_cancels_the_upstream_request(upstreams: Upstreams, gateway: str) -> None:
+    with RawConnection.to(gateway) as conn:
+        conn.send(b"GET /stream?n=100000&size=4096&delay=0.01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = conn.read_response(max_body=8192)
+        assert response.status == 200
+    upstreams.u1.wait_disconnects("stream")
+    # The gateway still works afterwards.
+    with httpx.Client(base_url=gateway, timeout=10) as client:
+        assert client.get("/echo").status_code == 200
+
+
+def test_client_disconnect_while_upstream_hangs_cancels_the_upstream_request(
+    upstreams: Upstreams, gateway: str
+) -> None:
+    with RawConnection.to(gateway) as conn:
+        conn.send(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(
+            lambda: upstreams.u1.stats()["in_flight"].get("hang") == 1,
+            message="the request to hang upstream",
+        )
+    started = time.monotonic()
+    upstreams.u1.wait_disconnects("hang")
+    # Well before any read timeout (30 s by default): the disconnect itself cancelled it.
+    assert time.monotonic() - started < 10
+
+
+def test_client_disconnect_mid_body_while_upstream_hangs(upstreams: Upstreams, gateway: str) -> None:
+    with RawConnection.to(gateway) as conn:
+        conn.send(b"GET /hang?head=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = conn.read_response(max_body=1024)
+        assert response.status == 200
+        assert response.body == b"x" * 1024
+    upstreams.u1.wait_disconnects("hang")
+
+
+def test_server_sent_events_client_disconnect_cancels_the_stream(upstreams: Upstreams, gateway: str) -> None:
+    with RawConnection.to(gateway) as conn:
+        conn.send(b"GET /sse?n=10&gate=never HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = conn.read_response(max_body=1)
+        assert response.status == 200
+    upstreams.u1.wait_disconnects("sse")

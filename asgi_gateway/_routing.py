@@ -107,7 +107,8 @@ class Router:
         route = self._lookup(segments, method, host)
         if ambiguous:
             for variant in _variants(path):
-                other = self._lookup(resolve_dot_segments(variant).split(b"/")[1:], method, host)
+                parts = resolve_dot_segments(variant).split(b"/")[1:]
+                other = self._lookup([unquote_to_bytes(part) for part in parts], method, host)
                 if other is not route:
                     raise BadRequest("the request path is ambiguous: encoded characters would change its route")
         if route is None:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-
 from servers import UpstreamProcess, make_host_app, serve_app, start_upstreams
 
 

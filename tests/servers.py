@@ -375,6 +375,9 @@ class GatewayServer:
             "log_level": "warning",
             "access_log": False,
             "timeout_graceful_shutdown": 2,
+            # uvicorn's default ("auto": uvloop when installed) is what users run; the variable
+            # lets a run pin "asyncio" or "uvloop" to compare.
+            "loop": os.environ.get("GATEWAY_TEST_LOOP", "auto"),
         }
         options.update(uvicorn_kwargs)
         self.config = uvicorn.Config(app, **options)

@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import Upstreams
 from servers import RawConnection, make_host_app, raw_request, serve_app
 
@@ -182,7 +181,9 @@ def test_standalone_gateway_answers_404_when_nothing_matches(
         (b"/api/stripped/./x/../y", "u2"),
     ],
 )
-def test_dot_segments_are_resolved_before_matching(routing_gateway: str, target: bytes, expected: str) -> None:
+def test_dot_segments_are_resolved_before_matching(
+    routing_gateway: str, target: bytes, expected: str
+) -> None:
     response = raw_request(routing_gateway, target=target)
     assert response.status == 200, response.body
     got = where(response)

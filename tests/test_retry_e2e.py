@@ -45,18 +45,21 @@ async def test_one_of_three_killed_during_1000_gets_every_get_succeeds(
 ) -> None:
     servers = [upstream_factory(f"k{i}") for i in range(3)]
     victim = servers[1]
-    base = gateway_factory(transport=httpx.AsyncHTTPTransport(), config=gateway_config([s.url for s in servers], outlier_detection={}))
+    base = gateway_factory(gateway_config([s.url for s in servers], outlier_detection={}))
     statuses: list[int] = []
     todo = iter(range(1000))
     killed = anyio.Event()
+    served_before_kill = 0
 
     async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal served_before_kill
         for i in todo:
             # `slow` keeps requests in flight on the victim when it dies, so resets happen too.
             response = await client.get(f"{base}/api/slow", params={"delay": "0.002", "i": str(i)})
             statuses.append(response.status_code)
             if len(statuses) == 300 and not killed.is_set():
                 killed.set()
+                served_before_kill = await anyio.to_thread.run_sync(victim.requests, "slow")
                 await anyio.to_thread.run_sync(victim.kill)
 
     async with httpx.AsyncClient(timeout=30) as client:
@@ -68,6 +71,7 @@ async def test_one_of_three_killed_during_1000_gets_every_get_succeeds(
     assert len(statuses) == 1000
     failures = [status for status in statuses if status != 200]
     assert failures == []
+    assert served_before_kill > 0
     survivors = [servers[0], servers[2]]
     assert total_requests(survivors, "slow") >= 1000 - 300
 
@@ -77,7 +81,7 @@ def test_post_answered_503_is_retried_only_with_an_idempotency_key(
 ) -> None:
     failing, healthy = upstreams.u1, upstreams.u2
     failing.fail(503)
-    base = gateway_factory(transport=httpx.AsyncHTTPTransport(), config=gateway_config([failing.url, healthy.url]))
+    base = gateway_factory(gateway_config([failing.url, healthy.url]))
     with httpx.Client(base_url=base, timeout=30) as client:
         plain = [client.post("/api/echo", content=b"order") for _ in range(4)]
         assert sorted(r.status_code for r in plain) == [200, 200, 503, 503]  # round robin, no retry
@@ -101,7 +105,7 @@ def test_post_with_connection_refused_is_retried_on_another_server(
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     base = gateway_config([dead, upstreams.u1.url])
-    url = gateway_factory(base, transport=httpx.AsyncHTTPTransport())
+    url = gateway_factory(base)
     with httpx.Client(base_url=url, timeout=30) as client:
         responses = [client.post("/api/echo", content=f"order {i}".encode()) for i in range(4)]
     assert [r.status_code for r in responses] == [200] * 4
@@ -114,7 +118,7 @@ def test_hanging_server_gives_504_within_total(
     upstreams: Upstreams, gateway_factory: Callable[..., str], total: float
 ) -> None:
     hanging = upstreams.u1
-    base = gateway_factory(transport=httpx.AsyncHTTPTransport(), config=gateway_config([hanging.url], timeouts={"read": 30.0, "total": total}))
+    base = gateway_factory(gateway_config([hanging.url], timeouts={"read": 30.0, "total": total}))
     with httpx.Client(base_url=base, timeout=30) as client:
         start = time.monotonic()
         response = client.get("/api/hang")
@@ -136,7 +140,7 @@ def test_read_timeouts_are_retried_within_total(
     config = gateway_config(
         [s.url for s in servers], retry={"attempts": 5}, timeouts={"read": 0.3, "total": 1.0}
     )
-    base = gateway_factory(config, transport=httpx.AsyncHTTPTransport())
+    base = gateway_factory(config)
     with httpx.Client(base_url=base, timeout=30) as client:
         start = time.monotonic()
         response = client.get("/api/echo")
@@ -156,7 +160,7 @@ def test_budget_bounds_what_failing_upstreams_see(
     for server in servers:
         server.fail(503)
     retry = {"attempts": 3, "budget_ratio": 0.2, "budget_min_per_second": 0.1}
-    base = gateway_factory(transport=httpx.AsyncHTTPTransport(), config=gateway_config([s.url for s in servers], retry=retry))
+    base = gateway_factory(gateway_config([s.url for s in servers], retry=retry))
     n = 50
     start = time.monotonic()
     with httpx.Client(base_url=base, timeout=30) as client:
@@ -171,7 +175,7 @@ def test_budget_bounds_what_failing_upstreams_see(
 
 def test_retry_after_is_honoured(upstreams: Upstreams, gateway_factory: Callable[..., str]) -> None:
     server = upstreams.u1
-    base = gateway_factory(transport=httpx.AsyncHTTPTransport(), config=gateway_config([server.url], timeouts={"total": 5.0}))
+    base = gateway_factory(gateway_config([server.url], timeouts={"total": 5.0}))
     with httpx.Client(base_url=base, timeout=30) as client:
         server.fail(503, count=1, retry_after=1)
         start = time.monotonic()
@@ -200,7 +204,7 @@ def test_body_within_buffer_limit_is_replayed_intact(
     config = gateway_config(
         [server.url], retry={"buffer_limit": 16 * MiB}, max_body_size=64 * MiB, timeouts={"read": 30.0}
     )
-    base = gateway_factory(config, transport=httpx.AsyncHTTPTransport())
+    base = gateway_factory(config)
     body = os.urandom(10 * MiB)
     with httpx.Client(base_url=base, timeout=60) as client:
         server.fail(503, count=1)

@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-
 from conftest import Upstreams
 from servers import RawConnection, wait_until
 from upstream_app import gzip_body, pattern_block, stream_sha256
@@ -165,7 +164,9 @@ def test_server_sent_events_arrive_one_by_one(upstreams: Upstreams, gateway: str
 def test_gzip_body_is_relayed_untouched(gateway: str) -> None:
     expected = gzip_body(50_000)
     with RawConnection.to(gateway) as conn:
-        conn.send(b"GET /gzip?size=50000 HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n")
+        conn.send(
+            b"GET /gzip?size=50000 HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n"
+        )
         response = conn.read_response()
     assert response.complete
     assert response.header("content-encoding") == b"gzip"
@@ -184,7 +185,9 @@ def test_gzip_body_is_relayed_untouched_without_accept_encoding(gateway: str) ->
     assert response.body == expected
 
 
-def test_client_disconnect_mid_download_cancels_the_upstream_request(upstreams: Upstreams, gateway: str) -> None:
+def test_client_disconnect_mid_download_cancels_the_upstream_request(
+    upstreams: Upstreams, gateway: str
+) -> None:
     with RawConnection.to(gateway) as conn:
         conn.send(b"GET /stream?n=100000&size=4096&delay=0.01 HTTP/1.1\r\nHost: x\r\n\r\n")
         response = conn.read_response(max_body=8192)

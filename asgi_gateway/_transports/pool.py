@@ -21,7 +21,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 import httptools
 
@@ -54,7 +54,7 @@ class _State(enum.Enum):
     CLOSED = 3
 
 
-def _expire(waiter: asyncio.Future[bool]) -> None:
+def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_result(False)
 
@@ -78,7 +78,6 @@ class _Connection(asyncio.Protocol):
         "_parser",
         "_raw",
         "_read_paused",
-        "_received",
         "_status",
         "_transport",
         "_waiter",
@@ -89,6 +88,7 @@ class _Connection(asyncio.Protocol):
         "loop",
         "peer_address",
         "pool",
+        "received",
         "reused",
     )
 
@@ -119,7 +119,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._read_paused = False
         self._done = False
-        self._received = False
+        self.received = False
         self._error: Exception | None = None
         self._keep_alive = True
         self._raw = False
@@ -145,7 +145,7 @@ class _Connection(asyncio.Protocol):
             if not self._active:
                 self.close()
             return
-        self._received = True
+        self.received = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -294,8 +294,13 @@ class _Connection(asyncio.Protocol):
 
     # -- the exchange ---------------------------------------------------------------------
 
-    async def send(self, request: Request, head: bytes, length: int | None, chunked: bool) -> Response:
-        """Send `request` (its head already encoded) and return the response head.
+    async def send(
+        self, request: Request, message: bytes | None, length: int | None, chunked: bool
+    ) -> Response:
+        """Send `request` and return the response head.
+
+        `message` is the whole request, encoded, when its body is buffered; else None and the
+        body is streamed.
 
         On any exception (cancellation included) the connection is closed.
         """
@@ -308,8 +313,8 @@ class _Connection(asyncio.Protocol):
         assert transport is not None
         timeout = request.read_timeout
         try:
-            if head:
-                transport.write(head)
+            if message is not None:
+                transport.write(message)
                 self._body_sent = True
             else:
                 await self._send_streamed(request, length, chunked, timeout)
@@ -334,7 +339,7 @@ class _Connection(asyncio.Protocol):
         )
 
     async def _send_streamed(
-        self, request: Request, length: int | None, chunked: bool, timeout: float | None
+        self, request: Request, length: int | None, chunked: bool, read_timeout: float | None
     ) -> None:
         transport = self._transport
         assert transport is not None
@@ -355,7 +360,7 @@ class _Connection(asyncio.Protocol):
                 else:
                     transport.write(chunk)
                 if self._write_paused:
-                    await self._drain(timeout)
+                    await self._drain(read_timeout)
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
@@ -368,11 +373,11 @@ class _Connection(asyncio.Protocol):
             transport.write(_LAST_CHUNK)
         self._body_sent = True
 
-    async def _drain(self, timeout: float | None) -> None:
-        deadline = self._deadline(timeout)
+    async def _drain(self, read_timeout: float | None) -> None:
+        deadline = self._deadline(read_timeout)
         while self._write_paused and not self.closed and not self._head_done:
             if not await self.wait(deadline):
-                raise ReadTimeout(f"{self.pool.label} did not take the request body within {timeout}s")
+                raise ReadTimeout(f"{self.pool.label} did not take the request body within {read_timeout}s")
 
     def take(self) -> bytes:
         chunks = self._chunks
@@ -384,7 +389,7 @@ class _Connection(asyncio.Protocol):
             self._transport.resume_reading()
         return data
 
-    async def next_body(self, timeout: float | None) -> bytes | None:
+    async def next_body(self, read_timeout: float | None) -> bytes | None:
         """The next piece of response body; None at its clean end."""
         deadline = None
         while True:
@@ -395,9 +400,9 @@ class _Connection(asyncio.Protocol):
             if self._error is not None:
                 raise self._error
             if deadline is None:
-                deadline = self._deadline(timeout)
+                deadline = self._deadline(read_timeout)
             if not await self.wait(deadline):
-                raise ReadTimeout(f"{self.pool.label} sent no response body for {timeout}s")
+                raise ReadTimeout(f"{self.pool.label} sent no response body for {read_timeout}s")
 
 
 class _BodyStream:
@@ -462,7 +467,9 @@ class _DoneStream:
         self._data = b""
 
 
-def _encode_head(request: Request, length: int | None, chunked: bool) -> bytes:
+def _encode_head(
+    request: Request, length: int | None, chunked: bool, body: list[bytes] | None = None
+) -> bytes:
     server = request.server
     assert server is not None
     method = request.method
@@ -482,6 +489,8 @@ def _encode_head(request: Request, length: int | None, chunked: bool) -> bytes:
         parts.append(b"\r\n")
     else:
         parts.append(b"content-length: %d\r\n\r\n" % length)
+    if body:
+        parts += body
     return b"".join(parts)
 
 
@@ -499,3 +508,305 @@ def _framing(method: str, body: RequestBody) -> tuple[int | None, bool]:
     return length, False
 
 
+class _HostPool:
+    """The connections to one (scheme, host, port)."""
+
+    __slots__ = (
+        "closed",
+        "connections",
+        "count",
+        "host",
+        "idle",
+        "idle_timeout",
+        "label",
+        "max_connections",
+        "max_idle",
+        "port",
+        "server_hostname",
+        "ssl",
+        "waiters",
+    )
+
+    def __init__(
+        self,
+        server: Server,
+        ssl_context: ssl.SSLContext | None,
+        max_connections: int,
+        max_idle: int,
+        idle_timeout: float,
+    ) -> None:
+        self.host = server.host
+        self.port = server.port
+        self.label = f"{server.scheme}://{server.host}:{server.port}"
+        self.ssl = ssl_context
+        self.server_hostname = server.host if ssl_context is not None else None
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.closed = False
+        #: Open connections, plus those being opened and slots promised to a waiter.
+        self.count = 0
+        self.connections: set[_Connection] = set()
+        #: Idle connections, most recently used last.
+        self.idle: deque[_Connection] = deque()
+        #: Requests waiting for a free connection. Each is handed a connection, True (a slot is
+        #: reserved for it: open one) or False (timed out, or the pool closed).
+        self.waiters: deque[asyncio.Future[_Connection | bool]] = deque()
+
+    def take_idle(self, now: float) -> _Connection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            conn.idle = False
+            if now - conn.idle_since < self.idle_timeout:
+                return conn
+            conn.close()
+            # Every older one has been idle too long as well.
+            while idle:
+                old = idle.pop()
+                old.idle = False
+                old.close()
+        return None
+
+    async def acquire(self, connect_timeout: float | None, *, fresh: bool = False) -> _Connection:
+        loop = asyncio.get_running_loop()
+        deadline = None if connect_timeout is None else loop.time() + connect_timeout
+        while True:
+            if self.closed:
+                raise ConnectError(f"the connection pool for {self.label} is closed")
+            if not fresh:
+                conn = self.take_idle(loop.time())
+                if conn is not None:
+                    return conn
+            if self.count < self.max_connections:
+                self.count += 1
+                return await self._open(loop, deadline, connect_timeout)
+            handed = await self._wait_turn(loop, deadline, connect_timeout)
+            if handed is None:
+                return await self._open(loop, deadline, connect_timeout)
+            if not handed.closed:
+                return handed
+
+    async def _wait_turn(
+        self, loop: asyncio.AbstractEventLoop, deadline: float | None, connect_timeout: float | None
+    ) -> _Connection | None:
+        """Wait for a connection handed over (returned) or a reserved slot (None)."""
+        waiter: asyncio.Future[_Connection | bool] = loop.create_future()
+        self.waiters.append(waiter)
+        timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+        try:
+            result = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                # Cancelled after being handed something: pass it on.
+                self._give_back(waiter.result())
+            else:
+                self.waiters.remove(waiter)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if result is False:
+            if self.closed:
+                raise ConnectError(f"the connection pool for {self.label} is closed")
+            self.waiters.remove(waiter)
+            raise ConnectTimeout(
+                f"no connection to {self.label} became free within {connect_timeout}s "
+                f"(max_connections_per_host={self.max_connections})"
+            )
+        if result is True:
+            return None
+        assert isinstance(result, _Connection)
+        return result
+
+    def _give_back(self, handed: _Connection | bool) -> None:
+        if handed is True:
+            self._free_slot()
+        elif isinstance(handed, _Connection):
+            self.release(handed)
+
+    async def _open(
+        self, loop: asyncio.AbstractEventLoop, deadline: float | None, connect_timeout: float | None
+    ) -> _Connection:
+        """Connect, in a slot already counted in `self.count`."""
+        conn = _Connection(self, loop)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await loop.create_connection(
+                    lambda: conn, self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname
+                )
+        except BaseException as exc:
+            self._free_slot()
+            # TimeoutError first: it is an OSError too.
+            if isinstance(exc, TimeoutError):
+                raise ConnectTimeout(f"connecting to {self.label} took over {connect_timeout}s") from None
+            if isinstance(exc, OSError):
+                raise ConnectError(f"cannot connect to {self.label}: {exc}") from exc
+            raise
+        self.connections.add(conn)
+        if self.closed:
+            conn.close()
+            raise ConnectError(f"the connection pool for {self.label} is closed")
+        return conn
+
+    def _free_slot(self) -> None:
+        self.count -= 1
+        if self.closed:
+            return
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self.count += 1
+                waiter.set_result(True)
+                return
+
+    def release(self, conn: _Connection) -> None:
+        """Take back a connection whose exchange ended cleanly."""
+        if self.closed:
+            conn.close()
+            return
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        idle = self.idle
+        if len(idle) >= self.max_idle:
+            conn.close()
+            return
+        now = conn.loop.time()
+        conn.idle = True
+        conn.idle_since = now
+        idle.append(conn)
+        # No timer per connection: the long-idle ones are closed whenever the pool is used.
+        while idle and now - idle[0].idle_since >= self.idle_timeout:
+            old = idle.popleft()
+            old.idle = False
+            old.close()
+
+    def discard(self, conn: _Connection) -> None:
+        """`conn` is closed: forget it and free its slot."""
+        if conn.idle:
+            conn.idle = False
+            self.idle.remove(conn)
+        if conn in self.connections:
+            self.connections.remove(conn)
+            self._free_slot()
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in list(self.connections):
+            conn.close()
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(False)
+
+
+class PoolTransport(Transport):
+    """The built-in HTTP/1.1 client: keep-alive connection pools per upstream server (asyncio only).
+
+    `max_connections_per_host` bounds the open connections to one server; a request that finds
+    them all busy waits for one, up to its connect timeout (then `ConnectTimeout`).
+    `max_idle_per_host` idle connections are kept, each for at most `idle_timeout` seconds.
+    `ssl_context` is used for https servers (default: the system's trusted CAs).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections_per_host: int = 100,
+        max_idle_per_host: int = 32,
+        idle_timeout: float = 60.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if max_connections_per_host < 1:
+            raise ValueError("max_connections_per_host must be at least 1")
+        if max_idle_per_host < 0:
+            raise ValueError("max_idle_per_host must not be negative")
+        if idle_timeout < 0:
+            raise ValueError("idle_timeout must not be negative")
+        self._max_connections = max_connections_per_host
+        self._max_idle = max_idle_per_host
+        self._idle_timeout = idle_timeout
+        self._ssl_context = ssl_context
+        self._pools: dict[_Key, _HostPool] = {}
+        self._state = _State.UNOPENED
+
+    async def __aenter__(self) -> PoolTransport:
+        if self._state is not _State.UNOPENED:
+            raise RuntimeError(
+                "Cannot open a transport that is already open or closed."
+                if self._state is _State.OPENED
+                else "Cannot reopen a transport once it has been closed."
+            )
+        self._state = _State.OPENED
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.aclose()
+
+    def connection_count(self, server: Server) -> int:
+        """Open connections to `server`, idle or busy."""
+        pool = self._pools.get((server.scheme, server.host, server.port))
+        return 0 if pool is None else len(pool.connections)
+
+    def idle_count(self, server: Server) -> int:
+        """Idle connections to `server`, ready for the next request."""
+        pool = self._pools.get((server.scheme, server.host, server.port))
+        return 0 if pool is None else len(pool.idle)
+
+    def _pool(self, server: Server) -> _HostPool:
+        if self._state is not _State.OPENED:
+            if self._state is _State.CLOSED:
+                raise RuntimeError("Cannot send a request, as the transport has been closed.")
+            self._state = _State.OPENED
+        key = (server.scheme, server.host, server.port)
+        pool = self._pools.get(key)
+        if pool is None:
+            context = None
+            if server.scheme == "https":
+                if self._ssl_context is None:
+                    self._ssl_context = ssl.create_default_context()
+                    self._ssl_context.set_alpn_protocols(["http/1.1"])
+                context = self._ssl_context
+            pool = _HostPool(server, context, self._max_connections, self._max_idle, self._idle_timeout)
+            self._pools[key] = pool
+        return pool
+
+    async def handle_request(self, request: Request) -> Response:
+        server = request.server
+        if server is None:
+            raise RuntimeError("request.server must be set before the transport sends it")
+        pool = self._pool(server)
+        body = request.body
+        length, chunked = _framing(request.method, body)
+        # A buffered body goes out with its head in one write; a streamed one follows it.
+        message = _encode_head(request, length, chunked, body.chunks) if body.replayable else None
+        conn = pool.take_idle(asyncio.get_running_loop().time())
+        if conn is None:
+            conn = await pool.acquire(request.connect_timeout)
+        try:
+            return await conn.send(request, message, length, chunked)
+        except ConnectionReset:
+            # A keep-alive connection the server closed as we reused it: the request never got
+            # there, so it is sent once more on a new connection when the body can be sent again.
+            if not (conn.reused and not conn.received and (body.replayable or not body.started)):
+                raise
+        conn = await pool.acquire(request.connect_timeout, fresh=True)
+        return await conn.send(request, message, length, chunked)
+
+    async def aclose(self) -> None:
+        """Close every connection; the transport cannot be used afterwards."""
+        self._state = _State.CLOSED
+        pools = list(self._pools.values())
+        self._pools.clear()
+        for pool in pools:
+            pool.close()

@@ -36,6 +36,7 @@ from ._exceptions import (
     UpstreamUnavailable,
 )
 from ._middleware import Gateway, GatewayMiddleware
+from ._telemetry import JsonFormatter
 from ._transports.httpx import HttpxTransport
 from ._types import Handler, Request, RequestBody, Response, Server, Transport
 
@@ -59,6 +60,7 @@ __all__ = [
     "HealthCheckConfig",
     "HttpxTransport",
     "InvalidResponse",
+    "JsonFormatter",
     "NoServerAvailable",
     "OutlierDetectionConfig",
     "PayloadTooLarge",

@@ -44,7 +44,9 @@ def describe(config: GatewayConfig) -> str:
         if upstream.hash_on:
             extras.append(f"hash_on={upstream.hash_on}")
         if upstream.health_check:
-            extras.append(f"health_check={upstream.health_check.path} every {upstream.health_check.interval:g}s")
+            extras.append(
+                f"health_check={upstream.health_check.path} every {upstream.health_check.interval:g}s"
+            )
         extras.append(f"attempts={upstream.retry.attempts}")
         lines.append(f"  {name}: {', '.join(extras)}")
         for server in upstream.servers:
@@ -88,5 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         log_level=args.log_level,
         lifespan="on",
+        # The gateway applies `trusted_proxies` itself; uvicorn must not rewrite the client first.
+        proxy_headers=False,
     )
     return 0

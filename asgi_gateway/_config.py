@@ -120,7 +120,7 @@ class RouteConfig:
     strip_prefix: bool = False
     methods: tuple[str, ...] | None = None
     host: str | None = None
-    max_body_size: int | None | _Inherit = INHERIT
+    max_body_size: int | _Inherit | None = INHERIT
     preserve_host: bool | _Inherit = INHERIT
 
 
@@ -152,7 +152,9 @@ def load_config(source: GatewayConfig | Mapping[str, Any] | str | os.PathLike[st
         return from_mapping(_read_file(os.fspath(source)))
     if isinstance(source, Mapping):
         return from_mapping(source)
-    raise ConfigError("", f"config must be a mapping, a file path or a GatewayConfig, not {type(source).__name__}")
+    raise ConfigError(
+        "", f"config must be a mapping, a file path or a GatewayConfig, not {type(source).__name__}"
+    )
 
 
 def _read_file(path: str) -> Any:
@@ -285,7 +287,7 @@ def from_mapping(data: Any) -> GatewayConfig:
     )
 
 
-def _max_body_size(reader: _Reader, default: int | None | _Inherit) -> int | None | _Inherit:
+def _max_body_size(reader: _Reader, default: int | _Inherit | None) -> int | _Inherit | None:
     if not reader.has("max_body_size"):
         return default
     value = reader.raw("max_body_size")
@@ -406,7 +408,9 @@ def _upstream(name: str, data: Any) -> UpstreamConfig:
         buffer_limit=retry_reader.integer("buffer_limit", 65536, minimum=0),
     )
 
-    timeouts_reader = _Reader(reader.raw("timeouts", {}), reader.where("timeouts"), ("connect", "read", "total"))
+    timeouts_reader = _Reader(
+        reader.raw("timeouts", {}), reader.where("timeouts"), ("connect", "read", "total")
+    )
     timeouts = TimeoutsConfig(
         connect=timeouts_reader.number("connect", 2.0),
         read=timeouts_reader.number("read", 30.0),
@@ -472,7 +476,9 @@ def validate(config: GatewayConfig) -> None:
             raise ConfigError(f"{where}.path", f"{route.path!r} must be a plain path without '?', '#' or '%'")
         if route.upstream not in config.upstreams:
             known = ", ".join(sorted(config.upstreams))
-            raise ConfigError(f"{where}.upstream", f"{route.upstream!r} is not a configured upstream ({known})")
+            raise ConfigError(
+                f"{where}.upstream", f"{route.upstream!r} is not a configured upstream ({known})"
+            )
         if route.methods is not None:
             for method in route.methods:
                 if method not in HTTP_METHODS and not re.fullmatch(r"[A-Z][A-Z0-9_-]*", method):
@@ -533,7 +539,8 @@ def _validate_upstream(where: str, upstream: UpstreamConfig) -> None:
         od = upstream.outlier_detection
         if not 0 <= od.max_ejection_percent <= 100:
             raise ConfigError(
-                f"{where}.outlier_detection.max_ejection_percent", f"{od.max_ejection_percent!r} is not 0 to 100"
+                f"{where}.outlier_detection.max_ejection_percent",
+                f"{od.max_ejection_percent!r} is not 0 to 100",
             )
         if od.max_ejection_time < od.base_ejection_time:
             raise ConfigError(

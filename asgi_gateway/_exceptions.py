@@ -135,7 +135,7 @@ class InvalidResponse(BadGateway):
 class GatewayTimeout(UpstreamError):
     status = 504
     code = "gateway_timeout"
-    retry_condition = "timeout"
+    retry_condition: str | None = "timeout"
 
 
 class ConnectTimeout(GatewayTimeout):

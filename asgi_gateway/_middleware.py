@@ -29,8 +29,8 @@ from ._proxy import (
 from ._routing import Router
 from ._stack import UpstreamStack, build_stacks
 from ._telemetry import Telemetry
-from ._types import Exchange, Request, Response, Transport
 from ._transports.httpx import HttpxTransport
+from ._types import Exchange, Request, Response, Transport
 
 __all__ = ["Gateway", "GatewayMiddleware"]
 
@@ -148,12 +148,12 @@ class Gateway:
         kind = scope["type"]
         if kind == "http":
             await self.handle_http(scope, receive, send)
+        elif kind == "websocket":
+            await self.handle_websocket(scope, receive, send)
         elif kind == "lifespan" and self.app is None:
             await self._own_lifespan(receive, send)
         elif self.app is not None:
             await self.app(scope, receive, send)
-        elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1000})
 
     async def _own_lifespan(self, receive: Any, send: Any) -> None:
         message = await receive()
@@ -170,11 +170,7 @@ class Gateway:
 
     async def handle_http(self, scope: Scope, receive: Any, send: Any) -> None:
         method: str = scope["method"]
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        if self.app is None and scope.get("root_path"):
-            root = scope["root_path"].encode("utf-8")
-            if raw_path.startswith(root):
-                raw_path = raw_path[len(root) :] or b"/"
+        raw_path = self._mount_relative(scope)
         if self._status_path is not None and raw_path == self._status_path and method in ("GET", "HEAD"):
             await self._send_status(send)
             return
@@ -198,7 +194,9 @@ class Gateway:
         peer = client[0] if client else None
         scheme = scope.get("scheme", "http")
         trusted = bool(self._trusted) and peer in self._trusted
-        headers, incoming = upstream_headers(scope["headers"], client_host=peer, scheme=scheme, trusted=trusted)
+        headers, incoming = upstream_headers(
+            scope["headers"], client_host=peer, scheme=scheme, trusted=trusted
+        )
         request_id = (
             incoming.request_id.decode("ascii")
             if incoming.request_id is not None and sane_request_id(incoming.request_id)
@@ -253,6 +251,43 @@ class Gateway:
                 status = await send_error(send, GatewayError("internal error"), request_id)
         finally:
             self.telemetry.finish(token, exchange, status, error)
+
+    def _mount_relative(self, scope: Scope) -> bytes:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        if self.app is None and scope.get("root_path"):
+            root = scope["root_path"].encode("utf-8")
+            if raw_path.startswith(root):
+                raw_path = raw_path[len(root) :] or b"/"
+        return raw_path
+
+    async def handle_websocket(self, scope: Scope, receive: Any, send: Any) -> None:
+        """Relay a WebSocket session whose handshake matches a route."""
+        raw_path = self._mount_relative(scope)
+        host = _host_of(scope) if self._needs_host else None
+        try:
+            match = self.router.match("GET", host, raw_path)
+        except BadRequest:
+            await send({"type": "websocket.close", "code": 1008, "reason": "ambiguous path"})
+            return
+        if match is None:
+            if self.app is not None:
+                await self.app(scope, receive, send)
+            else:
+                await send({"type": "websocket.close", "code": 1000})
+            return
+        route, path = match
+        from ._websocket import proxy_websocket
+
+        await proxy_websocket(
+            scope,
+            receive,
+            send,
+            route=route,
+            path=path,
+            stack=self.stacks[route.upstream],
+            telemetry=self.telemetry,
+            trusted=self._trusted,
+        )
 
     async def _send_status(self, send: Any) -> None:
         body = json.dumps(self.status(), default=str).encode()
@@ -315,6 +350,8 @@ class GatewayMiddleware:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             await self.gateway.handle_http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self.gateway.handle_websocket(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         else:

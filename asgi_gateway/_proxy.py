@@ -139,7 +139,9 @@ def upstream_headers(
             elif name == b"transfer-encoding":
                 transfer_encoding = value
             elif name == b"connection":
-                dropped = _connection_tokens(value) if dropped is None else dropped | _connection_tokens(value)
+                dropped = (
+                    _connection_tokens(value) if dropped is None else dropped | _connection_tokens(value)
+                )
             elif name == b"x-request-id":
                 request_id_in = value
             elif name == b"x-forwarded-for":
@@ -177,7 +179,9 @@ def downstream_headers(headers: Headers, request_id: bytes) -> Headers:
     for name, value in headers:
         if name in _REPLACED_DOWN:
             if name == b"connection":
-                dropped = _connection_tokens(value) if dropped is None else dropped | _connection_tokens(value)
+                dropped = (
+                    _connection_tokens(value) if dropped is None else dropped | _connection_tokens(value)
+                )
             continue
         out.append((name, value))
     if dropped:
@@ -257,6 +261,36 @@ async def relay(
     response incomplete, so the server closes the connection: a truncated body is
     never passed off as complete.
     """
+    if not body_done:
+        # The request body is still streaming up: receive() is not ours to watch.
+        return await _relay(handler, request, send)
+
+    # With the request body read, the only message left to receive is the disconnect;
+    # waiting for it lets a client that leaves cancel the upstream request at any point.
+    disconnected = False
+    outcome: tuple[int, BaseException | None] = (499, None)
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        nonlocal disconnected
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch, tg.cancel_scope)
+        outcome = await _relay(handler, request, send)
+        tg.cancel_scope.cancel()
+    if disconnected and outcome[0] == 499:
+        return 499, ClientDisconnected()
+    # Servers report a disconnect once the response is complete (uvicorn does at
+    # once): only one that cut the exchange short counts.
+    return outcome
+
+
+async def _relay(handler: Handler, request: Request, send: ASGISend) -> tuple[int, BaseException | None]:
     exchange = request.exchange
     try:
         response = await handler.handle_request(request)
@@ -270,20 +304,22 @@ async def relay(
         return await send_error(send, exc, exchange.request_id), exc
     except ClientDisconnected as exc:
         return 499, exc
-    status = response.status
     error: BaseException | None = None
     try:
         headers = downstream_headers(response.headers, exchange.request_id.encode())
-        if body_done or request.body.replayable:
-            error = await _stream_watching_disconnect(response, headers, receive, send, exchange)
-        else:
-            error = await _stream(response, headers, send, exchange)
+        error = await _stream(response, headers, send, exchange)
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
-        await response.aclose(error)
-    return status, error
+        with anyio.CancelScope(shield=True):
+            await response.aclose(error)
+    return response.status, error
 
 
-async def _stream(response: Response, headers: Headers, send: ASGISend, exchange: Exchange) -> BaseException | None:
+async def _stream(
+    response: Response, headers: Headers, send: ASGISend, exchange: Exchange
+) -> BaseException | None:
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     exchange.committed = True
     try:
@@ -301,27 +337,3 @@ async def _stream(response: Response, headers: Headers, send: ASGISend, exchange
         return ClientDisconnected(str(exc))
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return None
-
-
-async def _stream_watching_disconnect(
-    response: Response, headers: Headers, receive: ASGIReceive, send: ASGISend, exchange: Exchange
-) -> BaseException | None:
-    # With the request body read, the only message left to receive is the
-    # disconnect; waiting for it lets a client that leaves cancel the upstream.
-    error: BaseException | None = None
-    result: BaseException | None = None
-
-    async def watch(scope: anyio.CancelScope) -> None:
-        nonlocal error
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                error = ClientDisconnected()
-                scope.cancel()
-                return
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch, tg.cancel_scope)
-        result = await _stream(response, headers, send, exchange)
-        tg.cancel_scope.cancel()
-    return error or result

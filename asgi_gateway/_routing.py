@@ -110,7 +110,9 @@ class Router:
                 parts = resolve_dot_segments(variant).split(b"/")[1:]
                 other = self._lookup([unquote_to_bytes(part) for part in parts], method, host)
                 if other is not route:
-                    raise BadRequest("the request path is ambiguous: encoded characters would change its route")
+                    raise BadRequest(
+                        "the request path is ambiguous: encoded characters would change its route"
+                    )
         if route is None:
             return None
         if route.strip_prefix and route.segments:

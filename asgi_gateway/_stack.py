@@ -60,7 +60,9 @@ class UpstreamStack:
         return self.failover.status()
 
 
-def build_stacks(config: GatewayConfig, transport: Handler, telemetry: Telemetry) -> Mapping[str, UpstreamStack]:
+def build_stacks(
+    config: GatewayConfig, transport: Handler, telemetry: Telemetry
+) -> Mapping[str, UpstreamStack]:
     """The whole request path of every upstream, composed here and nowhere else."""
     events = telemetry.events
     wire = telemetry.client_layer(transport)

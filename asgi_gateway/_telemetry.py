@@ -1,57 +1,691 @@
-"""Traces, metrics and the access log for proxied requests."""
+"""Traces, metrics and the access log for proxied requests.
+
+One `Telemetry` per gateway. The middleware calls `start` when a request matched a
+route and `finish` once it is over; `client_layer` wraps the transport with a CLIENT
+span per attempt; `events` turns what the layers report (retries, ejections,
+failovers) into span events and metrics.
+
+Tracing costs nothing when no SDK is configured: the providers are resolved lazily
+and, while they are the API's no-op or proxy defaults, no span, context or attribute
+is made. Telemetry never fails a request: whatever the SDK, an exporter or a span
+processor raises is logged (rate-limited) and swallowed.
+"""
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
+import os
 import time
-from typing import Any
+from collections.abc import Iterable, Sequence
+from contextvars import Token
+from typing import TYPE_CHECKING, Any, Final
 
+from opentelemetry import context, metrics, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import Getter, Setter, TextMapPropagator
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
+
+from ._exceptions import ClientRequestError
+from ._proxy import ClientDisconnected
 from ._routing import Route
-from ._types import Exchange, GatewayEvents, Handler
+from ._types import Exchange, GatewayEvents, Handler, Headers, Request, Server
 
-__all__ = ["Telemetry"]
+if TYPE_CHECKING:
+    from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, MeterProvider, Observation
+    from opentelemetry.trace import Span, Tracer, TracerProvider
 
+try:
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+except ImportError:  # pragma: no cover - an API that moved it; then nothing counts as a proxy
+
+    class _ProxyMeterProvider:  # type: ignore[no-redef]
+        pass
+
+
+__all__ = ["JsonFormatter", "Telemetry"]
+
+logger = logging.getLogger("asgi_gateway.telemetry")
 access_logger = logging.getLogger("asgi_gateway.access")
+
+_SCOPE_NAME = "asgi_gateway"
+_SCHEMA_URL = "https://opentelemetry.io/schemas/1.27.0"
+
+# Semantic-convention attribute names (stable HTTP conventions), spelled out so the
+# package does not depend on opentelemetry-semantic-conventions' module layout.
+HTTP_ROUTE: Final = "http.route"
+HTTP_REQUEST_METHOD: Final = "http.request.method"
+HTTP_REQUEST_METHOD_ORIGINAL: Final = "http.request.method_original"
+HTTP_REQUEST_RESEND_COUNT: Final = "http.request.resend_count"
+HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+URL_PATH: Final = "url.path"
+URL_SCHEME: Final = "url.scheme"
+URL_FULL: Final = "url.full"
+CLIENT_ADDRESS: Final = "client.address"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
+NETWORK_PEER_ADDRESS: Final = "network.peer.address"
+ERROR_TYPE: Final = "error.type"
+GATEWAY_UPSTREAM: Final = "gateway.upstream"
+
+# Semconv's advisory buckets for HTTP durations, in seconds.
+_DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+_KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+#: method -> (http.request.method value, span name); any other method is "_OTHER" / "HTTP".
+_METHODS: dict[str, tuple[str, str]] = {method: (method, method) for method in _KNOWN_METHODS}
+_OTHER_METHOD = ("_OTHER", "HTTP")
+
+#: Seconds between two log records about the same telemetry failure.
+_REPORT_INTERVAL = 60.0
+
+
+def method_attributes(method: str) -> tuple[str, str]:
+    """The semconv `http.request.method` value and span-name method for `method`."""
+    return _METHODS.get(method, _OTHER_METHOD)
+
+
+def error_type(error: BaseException) -> str:
+    return type(error).__qualname__
+
+
+class _HeaderGetter(Getter[Headers]):
+    """Reads propagation fields from raw ASGI header pairs (lower-case names)."""
+
+    def get(self, carrier: Headers, key: str) -> list[str] | None:
+        name = key.lower().encode("latin-1")
+        values = [value.decode("latin-1") for header, value in carrier if header == name]
+        return values or None
+
+    def keys(self, carrier: Headers) -> list[str]:
+        return [header.decode("latin-1") for header, _ in carrier]
+
+
+class _HeaderSetter(Setter[Headers]):
+    def set(self, carrier: Headers, key: str, value: str) -> None:
+        carrier.append((key.lower().encode("latin-1"), value.encode("latin-1")))
+
+
+HEADER_GETTER: Final = _HeaderGetter()
+HEADER_SETTER: Final = _HeaderSetter()
+
+
+class _Pending:
+    """What `start` hands to `finish` for one request."""
+
+    __slots__ = ("context_token", "host", "method", "own", "path", "scheme", "span", "start", "traced")
+
+    def __init__(self, start: float, method: str, path: str, scheme: str) -> None:
+        self.start = start
+        self.method = method
+        self.path = path
+        self.scheme = scheme
+        #: The recording span carrying the gateway's attributes (ours or the host app's).
+        self.span: Span | None = None
+        #: True when we started `span` and so must end it.
+        self.own = False
+        #: True when the host app traces the request itself (and so records its metrics).
+        self.host = False
+        self.context_token: Token[context.Context] | None = None
+        #: Our span, recording or not (its ids go to the access log).
+        self.traced: Span | None = None
 
 
 class Telemetry:
-    """Everything the gateway reports about a request, in one place."""
+    """Everything the gateway reports about a request, in one place.
+
+    `tracer_provider` / `meter_provider` default to the global OpenTelemetry
+    providers, looked up on use, so a global provider set after the gateway was
+    built still counts. The library never sets a global provider itself.
+    """
 
     def __init__(self, tracer_provider: Any = None, meter_provider: Any = None) -> None:
-        self.tracer_provider = tracer_provider
-        self.meter_provider = meter_provider
-        self.events = GatewayEvents()
+        self.tracer_provider: TracerProvider | None = tracer_provider
+        self.meter_provider: MeterProvider | None = meter_provider
+        #: The tracer, or None while tracing is off (no SDK configured).
+        self.tracer: Tracer | None = None
+        self._tracer_resolved = False
+        self._meter_resolved = False
+        self._resolved = False
+        self.server_duration: Histogram | None = None
+        self.client_duration: Histogram | None = None
+        self.retries: Counter | None = None
+        self.budget_exhausted: Counter | None = None
+        self.ejections: Counter | None = None
+        self.failovers: Counter | None = None
+        self.health_transitions: Counter | None = None
+        #: Latest count of available servers per upstream, for the observable gauge.
+        self.available: dict[str, int] = {}
+        self._names: dict[tuple[str, str], str] = {}
+        self._propagation = _Propagation(propagate.get_global_textmap())
+        #: While the global providers are the API's proxies, when to look at them again.
+        self._resolve_after = 0.0
+        self._reported: dict[str, float] = {}
+        # OpenTelemetry's own ASGI instrumentations record http.server.request.duration only
+        # when opted in to the stable HTTP conventions; then an instrumented host app's
+        # record is the one, and the gateway's would count each request twice.
+        opt_in = {mode.strip() for mode in os.environ.get("OTEL_SEMCONV_STABILITY_OPT_IN", "").split(",")}
+        self._host_records_server_duration = bool(opt_in & {"http", "http/dup"})
+        self.events = TelemetryEvents(self)
+        self._resolve()
+
+    # -- providers -------------------------------------------------------------------
+
+    def _resolve(self) -> None:
+        try:
+            if not self._tracer_resolved:
+                self._resolve_tracer()
+            if not self._meter_resolved:
+                self._resolve_meter()
+        except Exception as exc:
+            # A provider that cannot hand out a tracer or meter: tracing or metrics stay off.
+            self._tracer_resolved = self._meter_resolved = True
+            self.report("provider", exc)
+        self._resolved = self._tracer_resolved and self._meter_resolved
+
+    def _resolve_tracer(self) -> None:
+        provider = self.tracer_provider
+        if provider is None or isinstance(provider, trace.ProxyTracerProvider):
+            provider = trace.get_tracer_provider()
+            if isinstance(provider, trace.ProxyTracerProvider):
+                return  # no global provider yet; look again on the next request
+        self._tracer_resolved = True
+        if isinstance(provider, trace.NoOpTracerProvider):
+            return
+        tracer = provider.get_tracer(_SCOPE_NAME, _version(), schema_url=_SCHEMA_URL)
+        if not isinstance(tracer, trace.NoOpTracer):
+            self.tracer = tracer
+
+    def _resolve_meter(self) -> None:
+        provider = self.meter_provider
+        if provider is None or isinstance(provider, _ProxyMeterProvider):
+            provider = metrics.get_meter_provider()
+            if isinstance(provider, _ProxyMeterProvider):
+                return
+        self._meter_resolved = True
+        if isinstance(provider, metrics.NoOpMeterProvider):
+            return
+        meter = provider.get_meter(_SCOPE_NAME, _version(), schema_url=_SCHEMA_URL)
+        if isinstance(meter, metrics.NoOpMeter):
+            return
+        self._create_instruments(meter)
+
+    def _create_instruments(self, meter: Meter) -> None:
+        self.server_duration = meter.create_histogram(
+            "http.server.request.duration",
+            unit="s",
+            description="Duration of HTTP server requests.",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )
+        self.client_duration = meter.create_histogram(
+            "http.client.request.duration",
+            unit="s",
+            description="Duration of HTTP client requests (one per attempt to an upstream server).",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )
+        self.retries = meter.create_counter(
+            "gateway.retries", unit="{retry}", description="Attempts made again after a failed one."
+        )
+        self.budget_exhausted = meter.create_counter(
+            "gateway.retry_budget.exhausted",
+            unit="{retry}",
+            description="Retries refused because the upstream's retry budget was spent.",
+        )
+        self.ejections = meter.create_counter(
+            "gateway.ejections", unit="{ejection}", description="Servers ejected by outlier detection."
+        )
+        self.failovers = meter.create_counter(
+            "gateway.failovers",
+            unit="{request}",
+            description="Requests sent to backup servers (or in panic mode) instead of primaries.",
+        )
+        self.health_transitions = meter.create_counter(
+            "gateway.health_check.transitions",
+            unit="{transition}",
+            description="Changes of a server's active health-check state.",
+        )
+        meter.create_observable_gauge(
+            "gateway.upstream.available_servers",
+            callbacks=[self._observe_available],
+            unit="{server}",
+            description="Servers of an upstream available to take traffic.",
+        )
+
+    def _observe_available(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        return [Observation(count, {GATEWAY_UPSTREAM: name}) for name, count in list(self.available.items())]
+
+    def report(self, where: str, exc: BaseException) -> None:
+        """Log a telemetry failure without failing the request, at most once a minute per `where`."""
+        now = time.monotonic()
+        last = self._reported.get(where)
+        if last is not None and now - last < _REPORT_INTERVAL:
+            return
+        self._reported[where] = now
+        try:
+            logger.warning(
+                "telemetry failed in %s (ignored; the request goes on; further failures here are not "
+                "logged for %gs)",
+                where,
+                _REPORT_INTERVAL,
+                exc_info=exc,
+            )
+        except Exception:  # pragma: no cover - a broken logging handler must not fail the request either
+            pass
+
+    # -- the request path ------------------------------------------------------------
 
     def client_layer(self, inner: Handler) -> Handler:
-        """The layer that wraps each attempt on the wire."""
-        return inner
+        """The layer that wraps each attempt on the wire: a CLIENT span per attempt."""
+        from ._layers.telemetry import TelemetryLayer
 
-    def start(self, scope: dict[str, Any], route: Route, exchange: Exchange) -> float:
+        return TelemetryLayer(inner, self)
+
+    def start(self, scope: dict[str, Any], route: Route, exchange: Exchange) -> _Pending:
         """Called when a request matched `route`; returns a token for `finish`."""
-        return time.perf_counter()
+        pending = _Pending(time.perf_counter(), scope["method"], scope["path"], exchange.scheme)
+        if not self._resolved and pending.start >= self._resolve_after:
+            # Looked up at most once a second: an unset global provider must cost nothing.
+            self._resolve_after = pending.start + 1.0
+            self._resolve()
+        tracer = self.tracer
+        if tracer is not None:
+            try:
+                self._start_span(tracer, scope, route, exchange, pending)
+            except Exception as exc:
+                exchange.span = None
+                self.report("server span start", exc)
+        return pending
 
-    def finish(self, token: float, exchange: Exchange, status: int, error: BaseException | None) -> None:
-        """Called once the exchange is over."""
-        if not access_logger.isEnabledFor(logging.INFO):
-            return
-        duration = time.perf_counter() - token
-        server = exchange.server.url if exchange.server is not None else None
-        access_logger.info(
-            "%s %s %s %d %.1fms",
-            exchange.route,
-            exchange.path,
-            server or "-",
-            status,
-            duration * 1000,
-            extra={
-                "route": exchange.route,
-                "upstream": exchange.upstream.name,
-                "server": server,
-                "path": exchange.path,
-                "status": status,
-                "attempts": exchange.attempts,
-                "duration": duration,
-                "request_id": exchange.request_id,
-                "error": type(error).__name__ if error is not None else None,
-            },
+    def _start_span(
+        self, tracer: Tracer, scope: dict[str, Any], route: Route, exchange: Exchange, pending: _Pending
+    ) -> None:
+        current = trace.get_current_span()
+        current_context = current.get_span_context()
+        method, name_method = method_attributes(pending.method)
+        parent: context.Context | None = None
+        kind = SpanKind.SERVER
+        if not current_context.is_valid:
+            try:
+                parent = self.propagation().extract(scope["headers"])
+            except Exception as exc:
+                # A broken propagator costs the trace its parent, not the request its span.
+                self.report("trace context extraction", exc)
+        elif not current_context.is_remote:
+            # The host app traces this request already: never a second SERVER span.
+            if not current.is_recording():
+                pending.host = True
+                return
+            if getattr(current, "kind", None) is SpanKind.SERVER:
+                current.set_attributes({HTTP_ROUTE: route.path, GATEWAY_UPSTREAM: route.upstream})
+                current.update_name(self._span_name(name_method, route.path))
+                pending.host = True
+                pending.span = exchange.span = current
+                return
+            # Under some other span of the host's (a middleware's INTERNAL span): nest, as
+            # OpenTelemetry's own instrumentations do.
+            kind = SpanKind.INTERNAL
+        attributes: dict[str, AttributeValue] = {
+            HTTP_ROUTE: route.path,
+            HTTP_REQUEST_METHOD: method,
+            URL_PATH: pending.path,
+            URL_SCHEME: pending.scheme,
+            GATEWAY_UPSTREAM: route.upstream,
+        }
+        if method == "_OTHER":
+            attributes[HTTP_REQUEST_METHOD_ORIGINAL] = pending.method
+        if exchange.client_ip:
+            attributes[CLIENT_ADDRESS] = exchange.client_ip
+            client = scope.get("client")
+            if client and client[0] != exchange.client_ip:
+                attributes[NETWORK_PEER_ADDRESS] = client[0]
+        span = tracer.start_span(
+            self._span_name(name_method, route.path), context=parent, kind=kind, attributes=attributes
         )
+        # Current for the rest of the request: the client layer's CLIENT spans (or, when
+        # unsampled, the traceparent sent upstream) and the user's log correlation use it.
+        pending.context_token = context.attach(trace.set_span_in_context(span, parent))
+        pending.traced = span
+        if span.is_recording():
+            pending.span = exchange.span = span
+            pending.own = True
+
+    def _span_name(self, method: str, route_path: str) -> str:
+        key = (method, route_path)
+        name = self._names.get(key)
+        if name is None:
+            name = self._names[key] = f"{method} {route_path}"
+        return name
+
+    def finish(self, token: _Pending, exchange: Exchange, status: int, error: BaseException | None) -> None:
+        """Called once the exchange is over."""
+        duration = time.perf_counter() - token.start
+        failure = _error_type(status, error)
+        if token.span is not None or token.context_token is not None:
+            self._finish_span(token, status, error, failure)
+        histogram = self.server_duration
+        if histogram is not None and not (token.host and self._host_records_server_duration):
+            attributes: dict[str, AttributeValue] = {
+                HTTP_REQUEST_METHOD: method_attributes(token.method)[0],
+                URL_SCHEME: token.scheme,
+                HTTP_ROUTE: exchange.route,
+            }
+            if not _unanswered(status, error):
+                attributes[HTTP_RESPONSE_STATUS_CODE] = status
+            if failure is not None:
+                attributes[ERROR_TYPE] = failure
+            try:
+                histogram.record(duration, attributes)
+            except Exception as exc:
+                self.report("server duration metric", exc)
+        if access_logger.isEnabledFor(logging.INFO):
+            self._access_log(token, exchange, status, error, duration)
+
+    def _finish_span(
+        self, token: _Pending, status: int, error: BaseException | None, failure: str | None
+    ) -> None:
+        span = token.span
+        try:
+            # A host app's instrumentation may have ended its span with the last body chunk;
+            # it records the status itself.
+            if span is not None and (token.own or span.is_recording()):
+                attributes: dict[str, AttributeValue] = {}
+                if not _unanswered(status, error):
+                    attributes[HTTP_RESPONSE_STATUS_CODE] = status
+                if failure is not None:
+                    attributes[ERROR_TYPE] = failure
+                span.set_attributes(attributes)
+                if status >= 500 or (failure is not None and not isinstance(error, ClientDisconnected)):
+                    description = None
+                    if error is not None:
+                        description = f"{error_type(error)}: {error}" if str(error) else error_type(error)
+                    span.set_status(Status(StatusCode.ERROR, description))
+                if token.own:
+                    span.end()
+        except Exception as exc:
+            self.report("server span end", exc)
+        finally:
+            if token.context_token is not None:
+                context.detach(token.context_token)
+
+    def _access_log(
+        self, token: _Pending, exchange: Exchange, status: int, error: BaseException | None, duration: float
+    ) -> None:
+        server = exchange.server.url if exchange.server is not None else None
+        span = token.span or token.traced or trace.get_current_span()
+        span_context = span.get_span_context()
+        trace_id = span_id = None
+        if span_context.is_valid:
+            trace_id = trace.format_trace_id(span_context.trace_id)
+            span_id = trace.format_span_id(span_context.span_id)
+        try:
+            access_logger.info(
+                "%s %s %d %.1fms route=%s upstream=%s server=%s attempts=%d request_id=%s",
+                token.method,
+                token.path,
+                status,
+                duration * 1000,
+                exchange.route,
+                exchange.upstream.name,
+                server or "-",
+                exchange.attempts,
+                exchange.request_id,
+                extra={
+                    "route": exchange.route,
+                    "upstream": exchange.upstream.name,
+                    "server": server,
+                    "method": token.method,
+                    "path": token.path,
+                    "upstream_path": exchange.path,
+                    "status": status,
+                    "attempts": exchange.attempts,
+                    "duration": duration,
+                    "request_id": exchange.request_id,
+                    "client": exchange.client_ip or None,
+                    "error": error_type(error) if error is not None else None,
+                    "trace_id": trace_id,
+                    "span_id": span_id,
+                },
+            )
+        except Exception as exc:
+            self.report("access log", exc)
+
+    # -- propagation -----------------------------------------------------------------
+
+    def propagation(self) -> _Propagation:
+        propagator = propagate.get_global_textmap()
+        if propagator is not self._propagation.propagator:
+            self._propagation = _Propagation(propagator)
+        return self._propagation
+
+    def inject(self, request: Request, span: Span) -> None:
+        """Replace the propagation headers of `request` with those naming `span` as the parent."""
+        self.propagation().inject(request, span)
+
+
+class _Propagation:
+    """The global propagator, with what can be known about it once.
+
+    W3C trace context and baggage (the default, and what Jaeger reads) are written
+    directly, as their propagators would write them; any other propagator is called.
+    """
+
+    __slots__ = ("baggage", "fields", "propagator", "tracecontext", "w3c")
+
+    def __init__(self, propagator: TextMapPropagator) -> None:
+        self.propagator = propagator
+        self.fields = frozenset(field.lower().encode("latin-1") for field in propagator.fields)
+        members = (
+            getattr(propagator, "_propagators", None) if type(propagator) is CompositePropagator else None
+        )
+        if members is None:
+            members = [propagator]
+        kinds = [type(member) for member in members]
+        self.w3c = all(kind in (TraceContextTextMapPropagator, W3CBaggagePropagator) for kind in kinds)
+        self.tracecontext = TraceContextTextMapPropagator in kinds
+        self.baggage = next((member for member in members if type(member) is W3CBaggagePropagator), None)
+
+    def extract(self, headers: Headers) -> context.Context | None:
+        """The parent context the request's headers carry (None: no parent)."""
+        if self.w3c:
+            fields = self.fields
+            for name, _ in headers:
+                if name in fields:
+                    break
+            else:
+                return None
+        return self.propagator.extract(headers, getter=HEADER_GETTER)
+
+    def inject(self, request: Request, span: Span) -> None:
+        fields = self.fields
+        headers = request.headers
+        for name, _ in headers:
+            if name in fields:
+                # The client's (or the previous attempt's) traceparent names another parent.
+                headers = request.headers = [header for header in headers if header[0] not in fields]
+                break
+        if not self.w3c:
+            self.propagator.inject(headers, context=trace.set_span_in_context(span), setter=HEADER_SETTER)
+            return
+        span_context = span.get_span_context()
+        if self.tracecontext and span_context.is_valid:
+            headers.append(
+                (
+                    b"traceparent",
+                    b"00-%032x-%016x-%02x"
+                    % (span_context.trace_id, span_context.span_id, span_context.trace_flags),
+                )
+            )
+            if span_context.trace_state:
+                headers.append((b"tracestate", span_context.trace_state.to_header().encode("latin-1")))
+        if self.baggage is not None:
+            # Baggage lives in the current context, where the request's span is too.
+            self.baggage.inject(headers, setter=HEADER_SETTER)
+
+
+def _unanswered(status: int, error: BaseException | None) -> bool:
+    """True when the client went away before any response was sent (logged as 499)."""
+    return status == 499 and isinstance(error, ClientDisconnected)
+
+
+def _error_type(status: int, error: BaseException | None) -> str | None:
+    if error is not None and not isinstance(error, ClientRequestError):
+        return error_type(error)
+    if status >= 500:
+        return str(status)
+    return None
+
+
+class TelemetryEvents(GatewayEvents):
+    """The layers' events as span events on the request's server span, and counters."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._telemetry = telemetry
+
+    def retry(self, exchange: Exchange, attempt: int, reason: str, backoff: float) -> None:
+        try:
+            span = exchange.span
+            if span is not None:
+                span.add_event(
+                    "retry",
+                    {
+                        "gateway.attempt": attempt,
+                        "gateway.retry.reason": reason,
+                        "gateway.retry.backoff": backoff,
+                    },
+                )
+            counter = self._telemetry.retries
+            if counter is not None:
+                counter.add(1, {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.retry.reason": reason})
+        except Exception as exc:
+            self._telemetry.report("retry event", exc)
+
+    def retry_budget_exhausted(self, exchange: Exchange, reason: str) -> None:
+        try:
+            span = exchange.span
+            if span is not None:
+                span.add_event("retry_budget_exhausted", {"gateway.retry.reason": reason})
+            counter = self._telemetry.budget_exhausted
+            if counter is not None:
+                counter.add(1, {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.retry.reason": reason})
+        except Exception as exc:
+            self._telemetry.report("retry budget event", exc)
+
+    def ejected(self, server: Server, duration: float, exchange: Exchange | None) -> None:
+        try:
+            attributes: dict[str, AttributeValue] = {
+                GATEWAY_UPSTREAM: server.upstream,
+                SERVER_ADDRESS: server.host,
+                SERVER_PORT: server.port,
+            }
+            span = exchange.span if exchange is not None else None
+            if span is not None:
+                span.add_event("ejection", {**attributes, "gateway.ejection.duration": duration})
+            counter = self._telemetry.ejections
+            if counter is not None:
+                counter.add(1, attributes)
+        except Exception as exc:
+            self._telemetry.report("ejection event", exc)
+
+    def readmitted(self, server: Server) -> None:
+        # The failover layer logs it and the available-servers gauge shows it.
+        pass
+
+    def health_changed(self, server: Server, healthy: bool) -> None:
+        try:
+            counter = self._telemetry.health_transitions
+            if counter is not None:
+                counter.add(
+                    1,
+                    {
+                        GATEWAY_UPSTREAM: server.upstream,
+                        SERVER_ADDRESS: server.host,
+                        SERVER_PORT: server.port,
+                        "gateway.health_check.healthy": healthy,
+                    },
+                )
+        except Exception as exc:
+            self._telemetry.report("health event", exc)
+
+    def failover(self, exchange: Exchange, group: str) -> None:
+        try:
+            span = exchange.span
+            if span is not None:
+                span.add_event("failover", {"gateway.failover.group": group})
+            counter = self._telemetry.failovers
+            if counter is not None:
+                counter.add(1, {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.failover.group": group})
+        except Exception as exc:
+            self._telemetry.report("failover event", exc)
+
+    def available_changed(self, upstream: str, available: int) -> None:
+        self._telemetry.available[upstream] = available
+
+
+_VERSION: list[str] = []
+
+
+def _version() -> str:
+    if not _VERSION:
+        try:
+            from importlib.metadata import version
+
+            _VERSION.append(version("asgi-gateway"))
+        except Exception:
+            _VERSION.append("0")
+    return _VERSION[0]
+
+
+# -- logging -----------------------------------------------------------------------------
+
+_STANDARD_RECORD_KEYS: Final = frozenset(
+    [*logging.LogRecord("", 0, "", 0, "", (), None).__dict__, "message", "asctime", "taskName"]
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats each record as one JSON object per line, with its `extra` fields.
+
+    `{"time": "2025-01-31T12:00:00.123+00:00", "level": "INFO", "logger":
+    "asgi_gateway.access", "message": "...", "route": "/api/users", "status": 200, ...}`.
+    Switch it on for the access log with::
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(asgi_gateway.JsonFormatter())
+        logging.getLogger("asgi_gateway.access").addHandler(handler)
+        logging.getLogger("asgi_gateway.access").setLevel(logging.INFO)
+
+    `fields` limits the extra fields written (all of them by default).
+    """
+
+    def __init__(self, *, fields: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.fields = tuple(fields) if fields is not None else None
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self.fields is None:
+            for key, value in record.__dict__.items():
+                if key not in _STANDARD_RECORD_KEYS and key not in data and not key.startswith("_"):
+                    data[key] = value
+        else:
+            for key in self.fields:
+                if key in record.__dict__:
+                    data[key] = record.__dict__[key]
+        if record.exc_info:
+            data["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            data["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(data, default=str, separators=(",", ":"), ensure_ascii=False)

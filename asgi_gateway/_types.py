@@ -206,7 +206,7 @@ class Handler(abc.ABC):
         Raises an `UpstreamError` subclass on failure.
         """
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - most layers hold nothing
         """Release whatever the handler holds."""
 
 

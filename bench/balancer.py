@@ -16,6 +16,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 from asgi_gateway._config import ServerConfig, UpstreamConfig
 from asgi_gateway._layers.balancer import Balancer, make_balancer
@@ -60,6 +61,13 @@ def make_requests(upstream: UpstreamConfig, count: int = 1024) -> list[Request]:
     return requests
 
 
+@dataclass(frozen=True, slots=True)
+class Result:
+    balancer: str
+    servers: int
+    picks_per_second: int
+
+
 def picks_per_second(balancer: Balancer, requests: Sequence[Request], budget: float) -> float:
     pick = balancer.pick
     batches = [requests[i : i + BATCH] for i in range(0, len(requests), BATCH)] or [requests]
@@ -79,8 +87,8 @@ def picks_per_second(balancer: Balancer, requests: Sequence[Request], budget: fl
             return done / (now - start)
 
 
-def run(budget: float) -> list[dict[str, object]]:
-    results: list[dict[str, object]] = []
+def run(budget: float) -> list[Result]:
+    results: list[Result] = []
     for kind in KINDS:
         for size in SIZES:
             servers = make_servers(size)
@@ -93,7 +101,7 @@ def run(budget: float) -> list[dict[str, object]]:
             balancer = make_balancer(upstream, rng=random.Random(0))
             balancer.set_servers(servers)
             rate = picks_per_second(balancer, make_requests(upstream), budget)
-            results.append({"balancer": kind, "servers": size, "picks_per_second": round(rate)})
+            results.append(Result(kind, size, round(rate)))
     return results
 
 
@@ -103,8 +111,8 @@ def format_rate(rate: float) -> str:
     return f"{rate / 1e3:.0f} k/s"
 
 
-def table(results: Sequence[dict[str, object]]) -> str:
-    rates = {(r["balancer"], r["servers"]): float(r["picks_per_second"]) for r in results}  # type: ignore[arg-type]
+def table(results: Sequence[Result]) -> str:
+    rates = {(r.balancer, r.servers): r.picks_per_second for r in results}
     header = ["balancer", *(f"{n:,} servers" for n in SIZES)]
     rows = [[kind, *(format_rate(rates[kind, n]) for n in SIZES)] for kind in KINDS]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -126,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run(budget)
     if args.json:
         for result in results:
-            print(json.dumps(result))
+            print(json.dumps(asdict(result)))
     else:
         print(f"Balancer picks per second (Python {sys.version.split()[0]}, {budget:g} s per cell)")
         print(table(results))

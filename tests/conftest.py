@@ -16,40 +16,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from servers import UpstreamProcess, make_host_app, serve_app, start_upstreams
+
+# Upstreams lives in servers.py: test modules import it from there (a `conftest` module name is
+# ambiguous once several test folders have one); it stays importable from here too.
+from servers import UpstreamProcess, Upstreams, make_host_app, serve_app, start_upstreams
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@dataclass(frozen=True)
-class Upstreams:
-    """The three session upstreams: `.u1`, `.u2`, `.u3`, iterable, indexable by name."""
-
-    u1: UpstreamProcess
-    u2: UpstreamProcess
-    u3: UpstreamProcess
-
-    def __iter__(self) -> Iterator[UpstreamProcess]:
-        return iter((self.u1, self.u2, self.u3))
-
-    def __getitem__(self, name: str) -> UpstreamProcess:
-        return {"u1": self.u1, "u2": self.u2, "u3": self.u3}[name]
-
-    def by_name(self) -> dict[str, UpstreamProcess]:
-        return {upstream.name: upstream for upstream in self}
-
-    def reset(self) -> None:
-        """Make every one run again and forget what earlier tests did to it."""
-        for upstream in self:
-            upstream.ensure_running()
-            upstream.reset()
 
 
 @pytest.fixture(scope="session")

@@ -21,12 +21,13 @@ import json
 import os
 import signal
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +35,19 @@ from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 import h11
+import httpx
 
 __all__ = [
     "HOST",
     "UPSTREAM_APP",
+    "BrokenServer",
     "GatewayServer",
     "RawConnection",
     "RawResponse",
     "UpstreamProcess",
+    "Upstreams",
     "free_port",
+    "http_client",
     "make_host_app",
     "raw_request",
     "serve_app",
@@ -82,9 +87,22 @@ def wait_until(
     return last
 
 
+_SSL_CONTEXT: Any = None
+
+
+def http_client(base_url: str = "", *, timeout: float | httpx.Timeout = 10.0, **kwargs: Any) -> httpx.Client:
+    """An `httpx.Client` that skips loading the CA bundle again (about 0.1 s per client)."""
+    global _SSL_CONTEXT
+    if _SSL_CONTEXT is None:
+        _SSL_CONTEXT = ssl.create_default_context()
+    kwargs.setdefault("verify", _SSL_CONTEXT)
+    return httpx.Client(base_url=base_url, timeout=timeout, **kwargs)
+
+
 # -- upstream subprocesses ---------------------------------------------------------------
 
-_LIVE: weakref.WeakSet[UpstreamProcess] = weakref.WeakSet()
+# Strong references: a process nobody closed must still be killed at exit.
+_LIVE: set[UpstreamProcess] = set()
 
 
 @atexit.register
@@ -331,6 +349,30 @@ class UpstreamProcess:
         )
 
 
+@dataclass(frozen=True)
+class Upstreams:
+    """The three session upstreams: `.u1`, `.u2`, `.u3`, iterable, indexable by name."""
+
+    u1: UpstreamProcess
+    u2: UpstreamProcess
+    u3: UpstreamProcess
+
+    def __iter__(self) -> Iterator[UpstreamProcess]:
+        return iter((self.u1, self.u2, self.u3))
+
+    def __getitem__(self, name: str) -> UpstreamProcess:
+        return {"u1": self.u1, "u2": self.u2, "u3": self.u3}[name]
+
+    def by_name(self) -> dict[str, UpstreamProcess]:
+        return {upstream.name: upstream for upstream in self}
+
+    def reset(self) -> None:
+        """Make every one run again and forget what earlier tests did to it."""
+        for upstream in self:
+            upstream.ensure_running()
+            upstream.reset()
+
+
 def start_upstreams(*names: str) -> list[UpstreamProcess]:
     """Start several upstreams at once (spawn all, then wait for all)."""
     upstreams = [UpstreamProcess(name) for name in names]
@@ -375,6 +417,9 @@ class GatewayServer:
             "log_level": "warning",
             "access_log": False,
             "timeout_graceful_shutdown": 2,
+            # The gateway's own trusted_proxies decide about X-Forwarded-*; uvicorn's proxy
+            # headers (on by default for 127.0.0.1) would rewrite the client address first.
+            "proxy_headers": False,
             # uvicorn's default ("auto": uvloop when installed) is what users run; the variable
             # lets a run pin "asyncio" or "uvloop" to compare.
             "loop": os.environ.get("GATEWAY_TEST_LOOP", "auto"),
@@ -477,6 +522,74 @@ def make_host_app(config: Any, **gateway_kwargs: Any) -> Any:
         ],
         middleware=[Middleware(GatewayMiddleware, config=config, **gateway_kwargs)],
     )
+
+
+class BrokenServer:
+    """A TCP server on 127.0.0.1 that misbehaves in one way, for the error paths.
+
+    Modes, applied to every connection after it has read the request head:
+    - "close": close the connection without a byte;
+    - "reset": abort it with a TCP RST (SO_LINGER 0);
+    - "garbage": answer bytes that are not HTTP, then close;
+    - "silent": keep the connection open and never answer (until the server stops).
+    """
+
+    def __init__(self, mode: str) -> None:
+        if mode not in ("close", "reset", "garbage", "silent"):
+            raise ValueError(mode)
+        self.mode = mode
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((HOST, 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.1)
+        self.port: int = self.listener.getsockname()[1]
+        self.connections = 0
+        self._open: list[socket.socket] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"broken-{mode}-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._done.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            conn.settimeout(2.0)
+            data = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            if self.mode == "silent":
+                self._open.append(conn)
+                continue
+            with contextlib.suppress(OSError):
+                if self.mode == "reset":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                elif self.mode == "garbage":
+                    conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+            conn.close()
+
+    def __enter__(self) -> BrokenServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join(5)
+        self.listener.close()
+        for conn in self._open:
+            conn.close()
 
 
 # -- raw HTTP ------------------------------------------------------------------------------

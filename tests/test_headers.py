@@ -6,13 +6,11 @@ Requests are written byte for byte on raw sockets where a client library would n
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
-from conftest import Upstreams
-from servers import RawConnection, RawResponse
+from servers import RawConnection, RawResponse, Upstreams, http_client, make_host_app, serve_app
 
 
 def config(upstreams: Upstreams, **top: Any) -> dict[str, Any]:
@@ -23,14 +21,15 @@ def config(upstreams: Upstreams, **top: Any) -> dict[str, Any]:
             {"path": "/stripped", "upstream": "one", "strip_prefix": True},
             {"path": "/", "upstream": "one"},
         ],
-        "upstreams": {"one": {"servers": [upstreams.u1.url]}},
+        "upstreams": {"one": {"servers": [{"url": upstreams.u1.url}]}},
         **top,
     }
 
 
-@pytest.fixture
-def gateway(upstreams: Upstreams, gateway_factory: Callable[..., str]) -> str:
-    return gateway_factory(config(upstreams))
+@pytest.fixture(scope="module")
+def gateway(upstreams: Upstreams) -> Iterator[str]:
+    with serve_app(make_host_app(config(upstreams))) as url:
+        yield url
 
 
 def send(url: str, target: bytes, *headers: tuple[str, str], body: bytes = b"") -> RawResponse:
@@ -221,7 +220,7 @@ def test_request_id_is_generated_and_returned(gateway: str) -> None:
 
 
 def test_repeated_set_cookie_headers_survive(gateway: str) -> None:
-    with httpx.Client(base_url=gateway, timeout=10) as client:
+    with http_client(gateway, timeout=10) as client:
         response = client.get("/set-cookie", params=[("c", "a=1"), ("c", "b=2"), ("value", "3")])
     assert response.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/", "session=3; Path=/"]
 
@@ -284,7 +283,7 @@ def test_ordinary_headers_pass_both_ways_unchanged(gateway: str) -> None:
 
 
 def test_gateway_headers_also_set_for_plain_httpx_clients(upstreams: Upstreams, gateway: str) -> None:
-    with httpx.Client(base_url=gateway, timeout=10) as client:
+    with http_client(gateway, timeout=10) as client:
         response = client.get("/echo")
     seen = [(k, v) for k, v in response.json()["headers"]]
     assert values(seen, "x-forwarded-for") == ["127.0.0.1"]

@@ -11,8 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Upstreams
-from servers import RawConnection, make_host_app, raw_request, serve_app
+from servers import RawConnection, Upstreams, http_client, make_host_app, raw_request, serve_app
 
 
 def routing_config(upstreams: Upstreams) -> dict[str, Any]:
@@ -91,7 +90,7 @@ def where(response: httpx.Response | Any) -> str:
 def test_routing_matrix(
     routing_gateway: str, method: str, path: str, expected: str, upstream_path: str | None
 ) -> None:
-    with httpx.Client(base_url=routing_gateway, timeout=10) as client:
+    with http_client(routing_gateway, timeout=10) as client:
         response = client.request(method, path)
     assert response.status_code == 200, response.text
     assert where(response) == expected
@@ -101,7 +100,7 @@ def test_routing_matrix(
 
 
 def test_strip_prefix_of_the_bare_prefix_sends_root(routing_gateway: str) -> None:
-    with httpx.Client(base_url=routing_gateway, timeout=10) as client:
+    with http_client(routing_gateway, timeout=10) as client:
         response = client.get("/api/stripped", params={"q": "1"})
     assert where(response) == "u2"
     assert response.json()["raw_path"] == "/"
@@ -118,7 +117,7 @@ def test_strip_prefix_of_the_bare_prefix_sends_root(routing_gateway: str) -> Non
     ],
 )
 def test_host_matching(routing_gateway: str, host: str, expected: str) -> None:
-    with httpx.Client(base_url=routing_gateway, timeout=10) as client:
+    with http_client(routing_gateway, timeout=10) as client:
         response = client.get("/api/hosted/1", headers={"host": host})
     assert response.status_code == 200
     assert where(response) == expected
@@ -159,9 +158,12 @@ def test_standalone_gateway_answers_404_when_nothing_matches(
     upstreams: Upstreams, standalone_gateway_factory: Callable[..., str]
 ) -> None:
     url = standalone_gateway_factory(
-        {"routes": [{"path": "/api", "upstream": "a"}], "upstreams": {"a": {"servers": [upstreams.u1.url]}}}
+        {
+            "routes": [{"path": "/api", "upstream": "a"}],
+            "upstreams": {"a": {"servers": [{"url": upstreams.u1.url}]}},
+        }
     )
-    with httpx.Client(base_url=url, timeout=10) as client:
+    with http_client(url, timeout=10) as client:
         assert where(client.get("/api/x")) == "u1"
         missing = client.get("/nothing/here")
         assert missing.status_code == 404
@@ -206,7 +208,7 @@ def test_dot_segments_resolved_for_the_upstream_path(routing_gateway: str) -> No
         b"/api/users/%2E%2E/admin",
         b"/api/users/.%2e/admin",
         b"/api%2Fusers/7",
-        b"/api/users%2F..%2Fadmin",
+        b"/api/users%2F7",
     ],
 )
 def test_encoded_dot_segments_or_slashes_that_change_the_match_are_rejected(
@@ -230,7 +232,7 @@ def test_encoded_slash_that_does_not_change_the_match_is_forwarded_raw(routing_g
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
 def test_methods_and_bodies_are_relayed(routing_gateway: str, method: str) -> None:
     body = b"" if method in ("GET", "OPTIONS") else bytes(range(256)) * 40
-    with httpx.Client(base_url=routing_gateway, timeout=10) as client:
+    with http_client(routing_gateway, timeout=10) as client:
         response = client.request(method, "/api/users/echo", content=body)
     assert response.status_code == 200
     seen = response.json()
@@ -240,7 +242,7 @@ def test_methods_and_bodies_are_relayed(routing_gateway: str, method: str) -> No
 
 
 def test_head_request_gets_head_only(routing_gateway: str) -> None:
-    with httpx.Client(base_url=routing_gateway, timeout=10) as client:
+    with http_client(routing_gateway, timeout=10) as client:
         response = client.head("/api/users/stream?n=2&size=1000")
     assert response.status_code == 200
     assert response.content == b""
@@ -249,7 +251,7 @@ def test_head_request_gets_head_only(routing_gateway: str) -> None:
 
 @pytest.mark.parametrize("code", [201, 204, 301, 304, 404, 418, 500, 503])
 def test_upstream_status_codes_are_relayed(routing_gateway: str, code: int) -> None:
-    with httpx.Client(base_url=routing_gateway, timeout=10, follow_redirects=False) as client:
+    with http_client(routing_gateway, timeout=10, follow_redirects=False) as client:
         response = client.get(f"/api/users/status?code={code}")
     assert response.status_code == code
     assert response.headers["x-upstream-name"] == "u1"
@@ -268,19 +270,22 @@ def test_round_robin_over_servers(upstreams: Upstreams, gateway_factory: Callabl
     url = gateway_factory(
         {
             "routes": [{"path": "/", "upstream": "all"}],
-            "upstreams": {"all": {"servers": [u.url for u in upstreams]}},
+            "upstreams": {"all": {"servers": [{"url": u.url} for u in upstreams]}},
         }
     )
-    with httpx.Client(base_url=url, timeout=10) as client:
+    with http_client(url, timeout=10) as client:
         names = [where(client.get("/x")) for _ in range(6)]
     assert sorted(names) == ["u1", "u1", "u2", "u2", "u3", "u3"]
 
 
 def test_cookies_never_cross_clients(upstreams: Upstreams, gateway_factory: Callable[..., str]) -> None:
     url = gateway_factory(
-        {"routes": [{"path": "/", "upstream": "one"}], "upstreams": {"one": {"servers": [upstreams.u1.url]}}}
+        {
+            "routes": [{"path": "/", "upstream": "one"}],
+            "upstreams": {"one": {"servers": [{"url": upstreams.u1.url}]}},
+        }
     )
-    with httpx.Client(base_url=url, timeout=10) as alice, httpx.Client(base_url=url, timeout=10) as bob:
+    with http_client(url, timeout=10) as alice, http_client(url, timeout=10) as bob:
         set_response = alice.get("/set-cookie?value=alice-secret")
         assert set_response.headers.get_list("set-cookie") == ["session=alice-secret; Path=/"]
         # Alice's own cookie goes with Alice's requests...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,8 +13,7 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
-from conftest import Upstreams
-from servers import UpstreamProcess, free_port
+from servers import UpstreamProcess, Upstreams, free_port, wait_until
 
 MiB = 1024 * 1024
 
@@ -55,7 +55,7 @@ async def test_one_of_three_killed_during_1000_gets_every_get_succeeds(
         nonlocal served_before_kill
         for i in todo:
             # `slow` keeps requests in flight on the victim when it dies, so resets happen too.
-            response = await client.get(f"{base}/api/slow", params={"delay": "0.002", "i": str(i)})
+            response = await client.get(f"{base}/api/slow", params={"delay": "0.01", "i": str(i)})
             statuses.append(response.status_code)
             if len(statuses) == 300 and not killed.is_set():
                 killed.set()
@@ -111,6 +111,31 @@ def test_post_with_connection_refused_is_retried_on_another_server(
     assert [r.status_code for r in responses] == [200] * 4
     assert [r.json()["body"] for r in responses] == [f"order {i}" for i in range(4)]
     assert upstreams.u1.requests() == 4
+
+
+def test_post_is_not_sent_twice_when_its_server_dies_mid_request(
+    upstreams: Upstreams,
+    upstream_factory: Callable[..., UpstreamProcess],
+    gateway_factory: Callable[..., str],
+) -> None:
+    victim, other = upstream_factory("victim"), upstreams.u1
+    base = gateway_factory(gateway_config([victim.url, other.url], timeouts={"total": 3.0}))
+    with httpx.Client(base_url=base, timeout=30) as client:
+        # Warm a keep-alive connection to each server and end on `other`: round robin sends the
+        # POST next to the victim, over a reused connection.
+        for _ in range(4):
+            last = client.get("/api/echo").json()["server"]
+        if last != "u1":
+            assert client.get("/api/echo").json()["server"] == "u1"
+        result: list[httpx.Response] = []
+        poster = threading.Thread(target=lambda: result.append(client.post("/api/hang", content=b"pay")))
+        poster.start()
+        wait_until(lambda: victim.stats()["in_flight"].get("hang") == 1, message="the POST at the victim")
+        victim.kill()
+        poster.join(30)
+    # The victim had the POST: sending it anywhere again could charge twice.
+    assert result[0].status_code == 502
+    assert other.requests("hang") == 0
 
 
 @pytest.mark.parametrize("total", [1.0, 1.5])

@@ -8,15 +8,14 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
-from conftest import Upstreams
-from servers import RawConnection, wait_until
+from servers import RawConnection, Upstreams, http_client, make_host_app, serve_app, wait_until
 from upstream_app import gzip_body, pattern_block, stream_sha256
 
 MiB = 1024 * 1024
@@ -26,14 +25,15 @@ RSS_BOUND = 64 * MiB
 def one_upstream_config(url: str, **upstream: Any) -> dict[str, Any]:
     return {
         "routes": [{"path": "/", "upstream": "one"}],
-        "upstreams": {"one": {"servers": [url], **upstream}},
+        "upstreams": {"one": {"servers": [{"url": url}], **upstream}},
         "max_body_size": None,
     }
 
 
-@pytest.fixture
-def gateway(upstreams: Upstreams, gateway_factory: Callable[..., str]) -> str:
-    return gateway_factory(one_upstream_config(upstreams.u1.url))
+@pytest.fixture(scope="module")
+def gateway(upstreams: Upstreams) -> Iterator[str]:
+    with serve_app(make_host_app(one_upstream_config(upstreams.u1.url))) as url:
+        yield url
 
 
 class PeakRSS:
@@ -72,7 +72,7 @@ def test_large_download_streams_with_bounded_memory(gateway: str) -> None:
     n, size = 3200, 64 * 1024  # 200 MiB
     digest = hashlib.sha256()
     received = 0
-    with peak_rss() as rss, httpx.Client(base_url=gateway, timeout=30) as client:
+    with peak_rss() as rss, http_client(gateway, timeout=30) as client:
         with client.stream("GET", f"/stream?n={n}&size={size}") as response:
             assert response.status_code == 200
             assert response.headers["content-length"] == str(n * size)
@@ -86,7 +86,7 @@ def test_large_download_streams_with_bounded_memory(gateway: str) -> None:
 
 def test_chunked_download_keeps_its_bytes(gateway: str) -> None:
     n, size = 256, 32 * 1024 + 7
-    with httpx.Client(base_url=gateway, timeout=30) as client:
+    with http_client(gateway, timeout=30) as client:
         with client.stream("GET", f"/stream?n={n}&size={size}&chunked=1") as response:
             assert response.status_code == 200
             assert "content-length" not in response.headers
@@ -105,7 +105,7 @@ def test_large_upload_streams_with_bounded_memory(gateway: str) -> None:
     expected = hashlib.sha256()
     for _ in range(count):
         expected.update(block)
-    with peak_rss() as rss, httpx.Client(base_url=gateway, timeout=30) as client:
+    with peak_rss() as rss, http_client(gateway, timeout=30) as client:
         response = client.post("/upload", content=body(), headers={"content-length": str(count * MiB)})
     assert response.status_code == 200, response.text
     seen = response.json()
@@ -116,7 +116,7 @@ def test_large_upload_streams_with_bounded_memory(gateway: str) -> None:
 
 def test_chunked_upload_keeps_its_bytes(gateway: str) -> None:
     chunks = [pattern_block(1000 + i) for i in range(300)]
-    with httpx.Client(base_url=gateway, timeout=30) as client:
+    with http_client(gateway, timeout=30) as client:
         response = client.put("/upload", content=iter(chunks))
     assert response.status_code == 200
     data = b"".join(chunks)
@@ -147,7 +147,7 @@ def test_server_sent_events_arrive_one_by_one(upstreams: Upstreams, gateway: str
     # so a gateway that buffered the response would never deliver event 0 (read timeout).
     n = 4
     received: list[str] = []
-    with httpx.Client(base_url=gateway, timeout=httpx.Timeout(10, read=5)) as client:
+    with http_client(gateway, timeout=httpx.Timeout(10, read=5)) as client:
         with client.stream("GET", f"/sse?n={n}&gate=sse-test") as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
@@ -194,7 +194,7 @@ def test_client_disconnect_mid_download_cancels_the_upstream_request(
         assert response.status == 200
     upstreams.u1.wait_disconnects("stream")
     # The gateway still works afterwards.
-    with httpx.Client(base_url=gateway, timeout=10) as client:
+    with http_client(gateway, timeout=10) as client:
         assert client.get("/echo").status_code == 200
 
 

@@ -67,7 +67,6 @@ import gzip
 import hashlib
 import json
 import os
-import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -542,4 +541,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -169,7 +169,7 @@ class RoundRobinBalancer(Balancer):
     turn is due at virtual time k / weight_i; still exact per cycle, O(log n) per pick.
     """
 
-    __slots__ = ("_deadlines", "_heap", "_position", "_sequence", "_servers", "_vtime", "_weights")
+    __slots__ = ("_deadlines", "_heap", "_position", "_sequence", "_servers", "_turn", "_vtime", "_weights")
 
     def __init__(self) -> None:
         self._servers: tuple[Server, ...] = ()
@@ -180,6 +180,8 @@ class RoundRobinBalancer(Balancer):
         self._heap: list[tuple[float, int, Server]] | None = None
         self._deadlines: dict[Server, float] = {}
         self._vtime = 0.0
+        # Rotates the rare picks that look past _LOOKAHEAD turns without finding a server.
+        self._turn = 0
 
     def set_servers(self, servers: Sequence[Server]) -> None:
         weights = tuple(server.weight for server in servers)
@@ -234,7 +236,7 @@ class RoundRobinBalancer(Balancer):
     def _pick_excluding(self, first: Server, exclude: Collection[Server]) -> Server:
         # The turns of excluded servers (those that just failed this request) go to the next
         # servers in the cycle, as if the excluded ones were out of the set for a moment.
-        for _ in range(min(_LOOKAHEAD, len(self._servers))):
+        for _ in range(min(_LOOKAHEAD, len(self._sequence) or _LOOKAHEAD)):
             if self._heap is not None:
                 server = self._next_edf()
             else:
@@ -245,7 +247,8 @@ class RoundRobinBalancer(Balancer):
         allowed = _allowed(self._servers, exclude)
         if not allowed:
             return first
-        return allowed[self._position % len(allowed)]
+        self._turn += 1
+        return allowed[self._turn % len(allowed)]
 
 
 # -- random --------------------------------------------------------------------------------

@@ -7,6 +7,15 @@ last resort of a retry that has already tried every available primary; and, when
 nothing at all is available, to every server if the upstream opts into `panic`,
 else nowhere: `NoServerAvailable` (503) at once.
 
+Passive outlier detection counts each server's consecutive gateway failures: connect
+failures, resets, read timeouts, 502/503/504 answers and bodies that break off. Any
+other answer read to its end resets the count. At `consecutive_failures` the server
+is ejected for `base_ejection_time * 2**ejections`, at most `max_ejection_time`, and
+never while `max_ejection_percent` of the servers are already out (one always may
+be). An ejection ends lazily, on the first pick after its time. The multiplier
+decays as Envoy's does: each `base_ejection_time` a server has been back since its
+last ejection ended takes one doubling off its next one.
+
 The available set is cached and rebuilt only when a server changes state, so a
 pick costs the balancer's work and one clock read.
 """

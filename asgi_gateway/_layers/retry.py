@@ -8,6 +8,7 @@ picks the server (another one than those in `exchange.tried` when it can).
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import random
 import time
@@ -21,7 +22,9 @@ from .._config import UpstreamConfig
 from .._exceptions import ConcurrencyLimitExceeded, TotalTimeout, UpstreamError
 from .._types import NULL_EVENTS, GatewayEvents, Handler, Request, Response
 
-__all__ = ["IDEMPOTENT_METHODS", "RetryBudget", "RetryLayer"]
+__all__ = ["IDEMPOTENT_METHODS", "RetryBudget", "RetryLayer", "may_resend"]
+
+logger = logging.getLogger("asgi_gateway.retry")
 
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -233,7 +236,7 @@ class RetryLayer(Handler):
         if exchange.committed:
             # The client has bytes of a response already; another attempt would garble it.
             return None
-        if reached_upstream and not _may_resend(request):
+        if reached_upstream and not may_resend(request):
             return None
         body = request.body
         if not body.replayable and body.started:
@@ -255,14 +258,22 @@ class RetryLayer(Handler):
         # Shielded so a deadline cannot leave the connection half-closed; bounded so a stuck
         # close cannot hold the client either.
         with anyio.move_on_after(_CLOSE_GRACE, shield=True):
-            await response.aclose()
+            try:
+                await response.aclose()
+            except Exception:
+                # The failed response is thrown away either way; its close must not end the retries.
+                logger.debug("closing a response before retrying failed", exc_info=True)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
 
 
-def _may_resend(request: Request) -> bool:
-    """Whether the upstream may see this request twice: idempotent or with an Idempotency-Key."""
+def may_resend(request: Request) -> bool:
+    """Whether the upstream may see `request` twice: an idempotent method or an Idempotency-Key.
+
+    Anything that sends a request again after it may have reached the server (a transport
+    replaying it on a fresh connection, say) must ask this first.
+    """
     if request.method in IDEMPOTENT_METHODS:
         return True
     return any(name == b"idempotency-key" for name, _ in request.headers)

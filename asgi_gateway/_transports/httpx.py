@@ -100,7 +100,9 @@ class HttpxTransport(Transport):
         elif not body.empty:
             headers.append((b"transfer-encoding", b"chunked"))
         read = request.read_timeout
-        timeout = httpx.Timeout(connect=request.connect_timeout, read=read, write=read, pool=request.connect_timeout)
+        timeout = httpx.Timeout(
+            connect=request.connect_timeout, read=read, write=read, pool=request.connect_timeout
+        )
         http_request = httpx.Request(
             request.method,
             url.copy_with(raw_path=request.target),

@@ -21,7 +21,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import httptools
 
@@ -105,6 +105,7 @@ class _Connection(asyncio.Protocol):
         self.reused = False
         self._waiter: asyncio.Future[bool] | None = None
         self._write_paused = False
+        self._chunks: list[bytes] = []
         self._active = False
         self._is_head = False
         self._reset()
@@ -115,7 +116,6 @@ class _Connection(asyncio.Protocol):
         self._head_done = False
         self._head_bytes = 0
         self._framed = False
-        self._chunks: list[bytes] = []
         self._buffered = 0
         self._read_paused = False
         self._done = False
@@ -128,8 +128,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_address = str(peer[0])
@@ -149,8 +149,6 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            # 101 Switching Protocols: whatever follows the head belongs to the new protocol.
-            self._raw = True
             rest = data[int(exc.args[0]) :]
             if rest:
                 self.on_body(rest)
@@ -190,6 +188,8 @@ class _Connection(asyncio.Protocol):
             raise InvalidResponse("unexpected data after the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # a chunked body's trailer: the head was handed over already
         name = name.lower()
         if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
             self._framed = True
@@ -205,7 +205,12 @@ class _Connection(asyncio.Protocol):
             return
         self._status = status
         self._head_done = True
-        self._keep_alive = status != 101 and parser.should_keep_alive()
+        if status == 101:
+            # Switching Protocols: what follows the head is the new protocol's, up to EOF.
+            self._raw = True
+            self._keep_alive = False
+            return
+        self._keep_alive = parser.should_keep_alive()
         if self._is_head:
             # httptools cannot be told the request was HEAD, so it would wait for the body that
             # Content-Length announces: the response ends here, and the parser is replaced.
@@ -222,7 +227,7 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def on_message_complete(self) -> None:
-        if self._head_done:
+        if self._head_done and not self._raw:
             self._done = True
 
     # -- state changes --------------------------------------------------------------------
@@ -313,6 +318,8 @@ class _Connection(asyncio.Protocol):
         assert transport is not None
         timeout = request.read_timeout
         try:
+            if self.closed:
+                raise ConnectionReset(f"connection to {self.pool.label} closed")
             if message is not None:
                 transport.write(message)
                 self._body_sent = True
@@ -327,16 +334,15 @@ class _Connection(asyncio.Protocol):
         except BaseException:
             self.close()
             raise
-        stream: _BodyStream | _DoneStream
-        if self._done:
-            # The whole response came with its head: free the connection right away.
-            stream = _DoneStream(self.take() if self._chunks else b"")
-            self.finish()
+        response = Response(self._status, self._headers, _EMPTY, request.server, self.peer_address)
+        if not self._done:
+            response.stream = _BodyStream(self, timeout)
         else:
-            stream = _BodyStream(self, timeout)
-        return Response(
-            self._status, self._headers, stream, server=request.server, peer_address=self.peer_address
-        )
+            # The whole response came with its head: the connection is free at once.
+            if self._chunks:
+                response.stream = _DoneStream(self.take())
+            self.finish()
+        return response
 
     async def _send_streamed(
         self, request: Request, length: int | None, chunked: bool, read_timeout: float | None
@@ -465,6 +471,9 @@ class _DoneStream:
 
     async def aclose(self) -> None:
         self._data = b""
+
+
+_EMPTY: Final = _DoneStream(b"")
 
 
 def _encode_head(

@@ -24,7 +24,7 @@ from asgi_gateway._exceptions import (
     ReadTimeout,
     TotalTimeout,
 )
-from asgi_gateway._layers.retry import RetryBudget, RetryLayer
+from asgi_gateway._layers.retry import RetryBudget, RetryLayer, may_resend
 from asgi_gateway._types import Exchange, GatewayEvents, Handler, Headers, Request, RequestBody, Response
 
 
@@ -334,6 +334,30 @@ async def test_status_retry_closes_the_response_first() -> None:
     assert not ok.stream.closed  # type: ignore[attr-defined]
 
 
+class BrokenCloseStream(FakeStream):
+    def __init__(self, hang: bool) -> None:
+        super().__init__()
+        self.hang = hang
+
+    async def aclose(self) -> None:
+        if self.hang:
+            await anyio.sleep_forever()
+        raise ConnectionResetError("the connection broke while closing")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hang", [False, True])
+async def test_a_failing_close_does_not_stop_the_retry(hang: bool) -> None:
+    ok = make_response(200)
+    inner = ScriptedInner(make_response(503, stream=BrokenCloseStream(hang)), ok)
+    retry, _, _ = layer(inner, upstream(max_concurrent_requests=1))
+    start = time.monotonic()
+    assert await retry.handle_request(make_request()) is ok
+    assert time.monotonic() - start < (1.5 if hang else 0.5)  # a stuck close is given up after 1 s
+    await ok.aclose()
+    assert retry.in_flight == 0
+
+
 @pytest.mark.anyio
 async def test_unlisted_status_is_returned() -> None:
     error_page = make_response(500)
@@ -436,6 +460,20 @@ async def test_idempotency_key_makes_post_retryable(outcome: Exception | int) ->
     request = make_request("POST", headers=[(b"content-type", b"text/plain"), (b"idempotency-key", b"k-1")])
     assert await retry.handle_request(request) is ok
     assert inner.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "expected"),
+    [
+        ("GET", [], True),
+        ("DELETE", [], True),
+        ("POST", [], False),
+        ("PATCH", [(b"x-idempotency-key", b"k")], False),
+        ("POST", [(b"idempotency-key", b"k")], True),
+    ],
+)
+def test_may_resend(method: str, headers: Headers, expected: bool) -> None:
+    assert may_resend(make_request(method, headers=headers)) is expected
 
 
 # -- bodies -------------------------------------------------------------------------------------

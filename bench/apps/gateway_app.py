@@ -1,0 +1,115 @@
+"""asgi_gateway as the proxy under test, configured by environment variables.
+
+    BENCH_UPSTREAMS   comma-separated base URLs of the servers to balance over (required)
+    BENCH_SLOW        base URL of the slow upstream, routed at /slow (optional)
+    BENCH_TRACING     off | sampled (10% parent-based) | all (every request, BatchSpanProcessor)
+    BENCH_TRANSPORT   pool (the built-in HTTP/1.1 client) | httpx (the httpx adapter)
+    BENCH_SPAN_COUNT_FILE  where SIGUSR1 writes how many spans were recorded (optional)
+
+Every layer is on: round-robin over the servers, outlier detection, active health checks
+with a long interval (so they cost nothing during a run) and 3 attempts per request.
+Spans go to an exporter that drops them, so only the SDK's own cost is measured.
+
+    uvicorn --app-dir bench/apps gateway_app:app --loop uvloop --http httptools
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+
+from asgi_gateway import Gateway
+
+
+def _tracer_provider(level: str) -> Any:
+    if level == "off":
+        return trace.NoOpTracerProvider()
+
+    class DiscardingExporter(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    sampler: Sampler
+    if level == "sampled":
+        sampler = ParentBased(TraceIdRatioBased(0.1))
+    elif level == "all":
+        sampler = ALWAYS_ON
+    else:
+        raise SystemExit(f"BENCH_TRACING must be off, sampled or all, not {level!r}")
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(BatchSpanProcessor(DiscardingExporter()))
+    count_file = os.environ.get("BENCH_SPAN_COUNT_FILE")
+    if count_file:
+        counter = _SpanCounter()
+        provider.add_span_processor(counter)
+        # uvicorn ends by re-raising SIGTERM, so atexit hooks never run: the runner asks instead.
+        signal.signal(signal.SIGUSR1, lambda *_: counter.write(count_file))
+    return provider
+
+
+class _SpanCounter(SpanProcessor):
+    """Counts recorded spans; SIGUSR1 writes the count to BENCH_SPAN_COUNT_FILE."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.spans += 1
+
+    def write(self, path: str) -> None:
+        with open(path + ".tmp", "w") as file:
+            json.dump({"spans": self.spans}, file)
+        os.replace(path + ".tmp", path)
+
+
+def _transport(kind: str) -> Any:
+    if kind == "pool":
+        return None
+    if kind == "httpx":
+        import httpx
+
+        return httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1000)
+        )
+    raise SystemExit(f"BENCH_TRANSPORT must be pool or httpx, not {kind!r}")
+
+
+def make_app() -> Gateway:
+    servers = [url for url in os.environ["BENCH_UPSTREAMS"].split(",") if url]
+    upstreams: dict[str, Any] = {
+        "backend": {
+            "servers": [{"url": url} for url in servers],
+            "balancer": "round_robin",
+            "health_check": {"path": "/healthz", "interval": 3600.0},
+            "outlier_detection": {"consecutive_failures": 5},
+            "retry": {"attempts": 3},
+            "max_concurrent_requests": 4000,
+        }
+    }
+    routes: list[dict[str, Any]] = [{"path": "/", "upstream": "backend"}]
+    slow = os.environ.get("BENCH_SLOW")
+    if slow:
+        upstreams["slow"] = {
+            "servers": [{"url": slow}],
+            "retry": {"attempts": 3},
+            "max_concurrent_requests": 4000,
+        }
+        routes.insert(0, {"path": "/slow", "upstream": "slow"})
+    return Gateway(
+        {"routes": routes, "upstreams": upstreams},
+        tracer_provider=_tracer_provider(os.environ.get("BENCH_TRACING", "off")),
+        meter_provider=NoOpMeterProvider(),
+        transport=_transport(os.environ.get("BENCH_TRANSPORT", "pool")),
+    )
+
+
+app = make_app()

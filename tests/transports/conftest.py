@@ -1,0 +1,5 @@
+import gc, pytest
+@pytest.fixture(autouse=True)
+def _gc_each():
+    yield
+    gc.collect()

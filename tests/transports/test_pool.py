@@ -1,0 +1,965 @@
+"""PoolTransport against real servers on 127.0.0.1.
+
+A real uvicorn upstream (in a thread) for the ordinary exchanges and big streams, and raw
+`asyncio.start_server` servers that write exact bytes for framing and failure cases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from servers import serve_app
+
+from asgi_gateway._config import ServerConfig, UpstreamConfig
+from asgi_gateway._exceptions import (
+    BadRequest,
+    ConnectError,
+    ConnectionReset,
+    ConnectTimeout,
+    InvalidResponse,
+    ReadTimeout,
+)
+from asgi_gateway._transports.pool import PoolTransport
+from asgi_gateway._types import Exchange, Headers, Request, RequestBody, Response, Server
+
+HOST = "127.0.0.1"
+BLOCK = bytes(range(256)) * 256  # 64 KiB
+MiB = 1 << 20
+# What one paused read can leave queued: the high-water mark plus one socket read (256 KiB).
+MAX_QUEUED = 65536 + 262144
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def make_server(port: int, scheme: str = "http") -> Server:
+    return Server(
+        url=f"{scheme}://{HOST}:{port}",
+        scheme=scheme,
+        host=HOST,
+        port=port,
+        host_header=f"{HOST}:{port}".encode(),
+    )
+
+
+_EXCHANGE = Exchange(
+    request_id="test",
+    route="/",
+    upstream=UpstreamConfig(name="up", servers=(ServerConfig(url=f"http://{HOST}:1"),)),
+    client_ip=HOST,
+    path="/",
+    scheme="http",
+)
+
+
+def make_request(
+    server: Server,
+    method: str = "GET",
+    target: bytes = b"/",
+    headers: Headers | None = None,
+    body: RequestBody | None = None,
+    *,
+    host: bytes | None = None,
+    connect_timeout: float | None = 5.0,
+    read_timeout: float | None = 5.0,
+) -> Request:
+    return Request(
+        method=method,
+        target=target,
+        headers=headers or [],
+        body=body if body is not None else RequestBody([], None),
+        exchange=_EXCHANGE,
+        host=host,
+        server=server,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
+
+
+def streamed(chunks: Iterator[bytes] | list[bytes], length: int | None = None) -> RequestBody:
+    async def rest() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    return RequestBody([], length, rest())
+
+
+async def read_body(response: Response) -> bytes:
+    try:
+        return b"".join([chunk async for chunk in response.stream])
+    finally:
+        await response.aclose()
+
+
+async def fetch(transport: PoolTransport, request: Request) -> tuple[Response, bytes]:
+    response = await transport.handle_request(request)
+    return response, await read_body(response)
+
+
+async def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def sha256_of_blocks(count: int) -> str:
+    digest = hashlib.sha256()
+    for _ in range(count):
+        digest.update(BLOCK)
+    return digest.hexdigest()
+
+
+# -- raw servers -----------------------------------------------------------------------------
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request: its head (up to the blank line) and its de-framed body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    body = b""
+    if b"\r\ncontent-length:" in lower:
+        length = int(lower.split(b"\r\ncontent-length:")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+    elif b"\r\ntransfer-encoding: chunked" in lower:
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        body = b"".join(parts)
+    return head, body
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+class RawServer:
+    """asyncio.start_server on 127.0.0.1 running `handler(reader, writer, connection_number)`."""
+
+    def __init__(self, handler: Handler, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.handler = handler
+        self.ssl_context = ssl_context
+        self.accepted = 0
+        self.closed_by_client = 0
+        self.requests: list[tuple[bytes, bytes]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> RawServer:
+        self.server = await asyncio.start_server(self._handle, HOST, 0, ssl=self.ssl_context)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url_server = make_server(self.port, "https" if self.ssl_context else "http")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+    def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Called in connection_made, so every accepted transport is known even if the test ends
+        # before its handler task gets to run.
+        self._writers.append(writer)
+        self.accepted += 1
+        self._tasks.add(asyncio.ensure_future(self._run(reader, writer, self.accepted)))
+
+    async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        try:
+            await self.handler(reader, writer, n)
+        except (OSError, asyncio.IncompleteReadError):
+            self.closed_by_client += 1  # reset, or EOF in the middle of a request
+        except asyncio.CancelledError:
+            pass  # the test is over
+        finally:
+            writer.transport.abort()
+
+    async def wait_client_eof(self, reader: asyncio.StreamReader) -> None:
+        """Read until the client closes (EOF, or a reset that `_handle` counts)."""
+        while await reader.read(65536):
+            pass
+        self.closed_by_client += 1
+
+
+def keep_alive_handler(server_ref: list[RawServer], response: bytes) -> Handler:
+    """Answer every request on the connection with `response`."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            request = await read_request(reader)
+            server_ref[0].requests.append(request)
+            writer.write(response)
+            await writer.drain()
+
+    return handler
+
+
+def raw_server(response: bytes) -> RawServer:
+    ref: list[RawServer] = []
+    server = RawServer(keep_alive_handler(ref, response))
+    ref.append(server)
+    return server
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+# -- the uvicorn upstream --------------------------------------------------------------------
+
+UPLOAD_RECEIVED = [0]
+
+
+async def upstream_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    path = scope["path"]
+    if path == "/download":
+        blocks = int(scope["query_string"] or b"1")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(blocks):
+            await send({"type": "http.response.body", "body": BLOCK, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    digest = hashlib.sha256()
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        chunk = message.get("body", b"")
+        digest.update(chunk)
+        size += len(chunk)
+        UPLOAD_RECEIVED[0] = size
+        more = message.get("more_body", False)
+    payload = {
+        "method": scope["method"],
+        "raw_path": scope["raw_path"].decode(),
+        "query_string": scope["query_string"].decode(),
+        "headers": [[name.decode(), value.decode()] for name, value in scope["headers"]],
+        "client_port": scope["client"][1],
+        "size": size,
+        "sha256": digest.hexdigest(),
+    }
+    body = json.dumps(payload).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"set-cookie", b"a=1"),
+        (b"set-cookie", b"b=2"),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def uvicorn_server() -> Iterator[Server]:
+    with serve_app(upstream_app, lifespan="off", http="httptools") as url:
+        yield make_server(int(url.rsplit(":", 1)[1]))
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[PoolTransport]:
+    async with PoolTransport() as pool:
+        yield pool
+
+
+# -- against uvicorn -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_roundtrip_through_uvicorn(transport: PoolTransport, uvicorn_server: Server) -> None:
+    request = make_request(
+        uvicorn_server,
+        target=b"/echo/a%2Fb?a=1&a=2&flag",
+        headers=[(b"x-multi", b"1"), (b"x-multi", b"2"), (b"user-agent", b"test")],
+    )
+    response, body = await fetch(transport, request)
+    assert response.status == 200
+    assert response.peer_address == HOST
+    assert [v for k, v in response.headers if k == b"set-cookie"] == [b"a=1", b"b=2"]
+    assert (b"content-type", b"application/json") in response.headers
+    echoed = json.loads(body)
+    assert echoed["method"] == "GET"
+    assert echoed["raw_path"] == "/echo/a%2Fb"
+    assert echoed["query_string"] == "a=1&a=2&flag"
+    # Exactly what was given, in order, after Host; nothing added (no Accept-Encoding, no framing).
+    assert echoed["headers"] == [
+        ["host", uvicorn_server.host_header.decode()],
+        ["x-multi", "1"],
+        ["x-multi", "2"],
+        ["user-agent", "test"],
+    ]
+
+
+@pytest.mark.anyio
+async def test_keep_alive_reuses_one_connection(transport: PoolTransport, uvicorn_server: Server) -> None:
+    ports = set()
+    for _ in range(5):
+        _, body = await fetch(transport, make_request(uvicorn_server, target=b"/echo"))
+        ports.add(json.loads(body)["client_port"])
+    assert len(ports) == 1
+    assert transport.connection_count(uvicorn_server) == 1
+    assert transport.idle_count(uvicorn_server) == 1
+
+
+@pytest.mark.anyio
+async def test_buffered_body_is_sent_with_content_length(
+    transport: PoolTransport, uvicorn_server: Server
+) -> None:
+    body = RequestBody([b"hello", b" ", b"world"], None)
+    _, data = await fetch(transport, make_request(uvicorn_server, "POST", b"/echo", body=body))
+    echoed = json.loads(data)
+    assert ["content-length", "11"] in echoed["headers"]
+    assert echoed["sha256"] == hashlib.sha256(b"hello world").hexdigest()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("known_length", [False, True], ids=["chunked", "content-length"])
+async def test_large_upload_streams_with_back_pressure(
+    transport: PoolTransport, uvicorn_server: Server, known_length: bool
+) -> None:
+    blocks = 800 if not known_length else 160  # 50 MiB chunked, 10 MiB with Content-Length
+    UPLOAD_RECEIVED[0] = 0
+    most_ahead = 0
+
+    def produce() -> Iterator[bytes]:
+        nonlocal most_ahead
+        for i in range(blocks):
+            # The producer only runs when the socket takes more: it never gets far ahead.
+            most_ahead = max(most_ahead, i * len(BLOCK) - UPLOAD_RECEIVED[0])
+            yield BLOCK
+
+    length = blocks * len(BLOCK) if known_length else None
+    request = make_request(uvicorn_server, "POST", b"/upload", body=streamed(produce(), length))
+    _, data = await fetch(transport, request)
+    echoed = json.loads(data)
+    assert echoed["size"] == blocks * len(BLOCK)
+    assert echoed["sha256"] == sha256_of_blocks(blocks)
+    framing = ["transfer-encoding", "chunked"] if not known_length else ["content-length", str(length)]
+    assert framing in echoed["headers"]
+    # Socket buffers on loopback hold a few MiB; without back-pressure it would be all of it.
+    assert most_ahead < 16 * MiB
+    assert transport.idle_count(uvicorn_server) == 1
+
+
+@pytest.mark.anyio
+async def test_large_download_is_not_buffered(transport: PoolTransport, uvicorn_server: Server) -> None:
+    blocks = 800  # 50 MiB
+    response = await transport.handle_request(make_request(uvicorn_server, target=b"/download?800"))
+    digest = hashlib.sha256()
+    total = 0
+    try:
+        iterator = response.stream.__aiter__()
+        first = await iterator.__anext__()
+        digest.update(first)
+        total += len(first)
+        conn = response.stream._conn  # type: ignore[attr-defined]
+        # A slow consumer: the upstream keeps sending until the transport stops reading.
+        await wait_for(lambda: conn._read_paused, what="reading paused")
+        assert conn._buffered <= MAX_QUEUED
+        async for chunk in iterator:
+            assert len(chunk) <= MAX_QUEUED
+            digest.update(chunk)
+            total += len(chunk)
+    finally:
+        await response.aclose()
+    assert total == blocks * len(BLOCK)
+    assert digest.hexdigest() == sha256_of_blocks(blocks)
+    assert transport.idle_count(uvicorn_server) == 1
+
+
+# -- framing, against exact bytes -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_request_framing_on_the_wire(transport: PoolTransport) -> None:
+    async with raw_server(OK) as server:
+        target = server.url_server
+        await fetch(transport, make_request(target, "GET", b"/a?b=1", [(b"x-one", b"1")]))
+        await fetch(transport, make_request(target, "POST", b"/empty"))
+        await fetch(transport, make_request(target, "DELETE", b"/d", host=b"example.com"))
+        await fetch(transport, make_request(target, "PUT", b"/s", body=streamed([b"abc", b"defgh"])))
+        await fetch(transport, make_request(target, "PATCH", b"/l", body=streamed([b"abc"], 3)))
+        heads = [head for head, _ in server.requests]
+        host = f"host: {HOST}:{server.port}\r\n".encode()
+        assert heads[0] == b"GET /a?b=1 HTTP/1.1\r\n" + host + b"x-one: 1\r\n\r\n"
+        assert heads[1] == b"POST /empty HTTP/1.1\r\n" + host + b"content-length: 0\r\n\r\n"
+        assert heads[2] == b"DELETE /d HTTP/1.1\r\nhost: example.com\r\n\r\n"
+        assert heads[3] == b"PUT /s HTTP/1.1\r\n" + host + b"transfer-encoding: chunked\r\n\r\n"
+        assert server.requests[3][1] == b"abcdefgh"
+        assert heads[4] == b"PATCH /l HTTP/1.1\r\n" + host + b"content-length: 3\r\n\r\n"
+        assert server.requests[4][1] == b"abc"
+        assert server.accepted == 1
+
+
+@pytest.mark.anyio
+async def test_streamed_body_not_matching_its_length_is_refused(transport: PoolTransport) -> None:
+    async with raw_server(OK) as server:
+        request = make_request(server.url_server, "POST", body=streamed([b"abc"], 5))
+        with pytest.raises(BadRequest):
+            await transport.handle_request(request)
+        assert transport.connection_count(server.url_server) == 0
+
+
+@pytest.mark.anyio
+async def test_chunked_response_is_dechunked_and_reused(transport: PoolTransport) -> None:
+    response_bytes = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    async with raw_server(response_bytes) as server:
+        for _ in range(2):
+            response, body = await fetch(transport, make_request(server.url_server))
+            assert body == b"hello world"
+            assert response.headers == [(b"transfer-encoding", b"chunked"), (b"x-a", b"1")]
+        assert server.accepted == 1
+        assert transport.idle_count(server.url_server) == 1
+
+
+@pytest.mark.anyio
+async def test_close_delimited_body_is_read_to_eof(transport: PoolTransport) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\nfirst ")
+        await writer.drain()
+        writer.write(b"second")
+        writer.close()
+
+    async with RawServer(handler) as server:
+        response, body = await fetch(transport, make_request(server.url_server))
+        assert response.status == 200
+        assert body == b"first second"
+        await wait_for(lambda: transport.connection_count(server.url_server) == 0)
+
+
+@pytest.mark.anyio
+async def test_head_response_has_no_body_and_connection_is_reused(transport: PoolTransport) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            if head.startswith(b"HEAD"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nget")
+
+    async with RawServer(handler) as server:
+        target = server.url_server
+        response, body = await fetch(transport, make_request(target, "HEAD"))
+        assert (response.status, body) == (200, b"")
+        assert (b"content-length", b"1234") in response.headers
+        _, body = await fetch(transport, make_request(target, "GET"))
+        assert body == b"get"
+        response, body = await fetch(transport, make_request(target, "HEAD"))
+        assert body == b""
+        assert server.accepted == 1
+        assert transport.idle_count(target) == 1
+
+
+@pytest.mark.anyio
+async def test_interim_responses_are_skipped(transport: PoolTransport) -> None:
+    response_bytes = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone"
+    )
+    async with raw_server(response_bytes) as server:
+        response, body = await fetch(transport, make_request(server.url_server, "POST"))
+        assert response.status == 201
+        assert response.headers == [(b"content-length", b"4")]
+        assert body == b"done"
+        _, body = await fetch(transport, make_request(server.url_server, "POST"))
+        assert body == b"done"
+        assert server.accepted == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\nETag: x\r\n\r\n",
+    ],
+)
+async def test_responses_without_body(transport: PoolTransport, head: bytes) -> None:
+    async with raw_server(head) as server:
+        for _ in range(2):
+            response, body = await fetch(transport, make_request(server.url_server))
+            assert response.status in (204, 304)
+            assert body == b""
+        assert server.accepted == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "response_bytes",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    ids=["connection-close", "http-1.0"],
+)
+async def test_no_reuse_when_upstream_says_close(transport: PoolTransport, response_bytes: bytes) -> None:
+    async with raw_server(response_bytes) as server:
+        for _ in range(2):
+            _, body = await fetch(transport, make_request(server.url_server))
+            assert body == b"ok"
+            assert transport.connection_count(server.url_server) == 0
+        assert server.accepted == 2
+
+
+@pytest.mark.anyio
+async def test_switching_protocols_is_final_and_raw(transport: PoolTransport) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nraw1")
+        await writer.drain()
+        writer.write(b"raw2")
+        writer.close()
+
+    async with RawServer(handler) as server:
+        response, body = await fetch(transport, make_request(server.url_server))
+        assert response.status == 101
+        assert body == b"raw1raw2"
+        assert transport.connection_count(server.url_server) == 0
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+def cut_after(data: bytes) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+
+    return handler
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nhalf\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\nhalf",
+    ],
+    ids=["after-head", "mid-length-body", "before-last-chunk", "mid-chunk"],
+)
+async def test_truncated_body_raises_reset(transport: PoolTransport, data: bytes) -> None:
+    async with RawServer(cut_after(data)) as server:
+        response = await transport.handle_request(make_request(server.url_server))
+        received = b""
+        with pytest.raises(ConnectionReset):
+            async for chunk in response.stream:
+                received += chunk
+        await response.aclose()
+        assert received == (b"half" if b"half" in data else b"")
+        assert transport.connection_count(server.url_server) == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("data", [b"", b"HTTP/1.1 200 OK\r\nContent-Le"], ids=["nothing", "half-head"])
+async def test_close_before_response_raises_reset(transport: PoolTransport, data: bytes) -> None:
+    async with RawServer(cut_after(data)) as server:
+        with pytest.raises(ConnectionReset):
+            await transport.handle_request(make_request(server.url_server))
+        assert server.accepted == 1  # a fresh connection: no retry
+        assert transport.connection_count(server.url_server) == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok",
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (1 * MiB) + b"\r\n\r\n",
+    ],
+    ids=["status", "not-http", "content-length", "huge-head"],
+)
+async def test_malformed_response_raises_invalid(transport: PoolTransport, data: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(data)
+        await server.wait_client_eof(reader)
+
+    async with RawServer(handler) as server:
+        with pytest.raises(InvalidResponse):
+            await transport.handle_request(make_request(server.url_server))
+        assert transport.connection_count(server.url_server) == 0
+        await wait_for(lambda: server.closed_by_client == 1)
+
+
+@pytest.mark.anyio
+async def test_hanging_server_raises_read_timeout(transport: PoolTransport) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        if n == 2:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+        await server.wait_client_eof(reader)
+
+    async with RawServer(handler) as server:
+        with pytest.raises(ReadTimeout):
+            await transport.handle_request(make_request(server.url_server, read_timeout=0.1))
+        response = await transport.handle_request(make_request(server.url_server, read_timeout=0.1))
+        chunks = []
+        with pytest.raises(ReadTimeout):
+            async for chunk in response.stream:
+                chunks.append(chunk)
+        await response.aclose()
+        assert chunks == [b"half"]
+        assert transport.connection_count(server.url_server) == 0
+        await wait_for(lambda: server.closed_by_client == 2)
+
+
+@pytest.mark.anyio
+async def test_closed_port_raises_connect_error(transport: PoolTransport) -> None:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port = sock.getsockname()[1]
+    target = make_server(port)
+    with pytest.raises(ConnectError):
+        await transport.handle_request(make_request(target))
+    assert transport.connection_count(target) == 0
+
+
+@pytest.mark.anyio
+async def test_connect_timeout(transport: PoolTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    never = asyncio.Event()
+
+    async def hang(*args: Any, **kwargs: Any) -> Any:
+        await never.wait()
+
+    async with raw_server(OK) as server:
+        monkeypatch.setattr(loop, "create_connection", hang)
+        with pytest.raises(ConnectTimeout):
+            await transport.handle_request(make_request(server.url_server, connect_timeout=0.05))
+        monkeypatch.undo()
+        assert transport.connection_count(server.url_server) == 0
+        _, body = await fetch(transport, make_request(server.url_server))
+        assert body == b"ok"
+
+
+@pytest.mark.anyio
+async def test_tiny_connect_timeout_on_a_real_connect(transport: PoolTransport) -> None:
+    # A listener that never accepts: the handshake may complete in the kernel, nothing answers.
+    with socket.socket() as listener:
+        listener.bind((HOST, 0))
+        listener.listen(8)
+        target = make_server(listener.getsockname()[1])
+        with pytest.raises(ConnectTimeout):
+            await transport.handle_request(make_request(target, connect_timeout=0))
+        assert transport.connection_count(target) == 0
+
+
+# -- connection reuse --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_early_close_does_not_reuse(transport: PoolTransport) -> None:
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (4 * MiB) + b"x" * (4 * MiB)
+    async with raw_server(big) as server:
+        response = await transport.handle_request(make_request(server.url_server))
+        first = await response.stream.__aiter__().__anext__()
+        assert first
+        await response.aclose()
+        assert transport.connection_count(server.url_server) == 0
+        await wait_for(lambda: server.closed_by_client == 1)
+        _, body = await fetch(transport, make_request(server.url_server))
+        assert len(body) == 4 * MiB
+        assert server.accepted == 2
+
+
+@pytest.mark.anyio
+async def test_idle_connection_closed_by_server_is_dropped(transport: PoolTransport) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        writer.close()  # keep-alive promised, then closed while idle
+
+    async with RawServer(handler) as server:
+        await fetch(transport, make_request(server.url_server))
+        await wait_for(lambda: transport.connection_count(server.url_server) == 0, what="idle EOF seen")
+        _, body = await fetch(transport, make_request(server.url_server))
+        assert body == b"ok"
+        assert server.accepted == 2
+
+
+def stale_on_second_request() -> Handler:
+    """Answer the first request of connection 1, then close it when the second arrives."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        if n == 1:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.transport.abort()
+            return
+        while True:
+            await read_request(reader)
+            writer.write(OK)
+
+    return handler
+
+
+@pytest.mark.anyio
+async def test_stale_keep_alive_is_retried_on_a_new_connection(transport: PoolTransport) -> None:
+    async with RawServer(stale_on_second_request()) as server:
+        await fetch(transport, make_request(server.url_server))
+        body = RequestBody([b"replay", b"able"], 10)
+        response, data = await fetch(transport, make_request(server.url_server, "POST", body=body))
+        assert (response.status, data) == (200, b"ok")
+        assert server.accepted == 2
+        assert transport.connection_count(server.url_server) == 1
+
+
+@pytest.mark.anyio
+async def test_stale_keep_alive_with_streamed_body_is_not_retried(transport: PoolTransport) -> None:
+    async with RawServer(stale_on_second_request()) as server:
+        await fetch(transport, make_request(server.url_server))
+        request = make_request(server.url_server, "POST", body=streamed([b"once"]))
+        with pytest.raises(ConnectionReset):
+            await transport.handle_request(request)
+        assert server.accepted == 1
+
+
+@pytest.mark.anyio
+async def test_idle_timeout_closes_old_connections() -> None:
+    async with raw_server(OK) as server, PoolTransport(idle_timeout=0.05) as transport:
+        await fetch(transport, make_request(server.url_server))
+        assert transport.idle_count(server.url_server) == 1
+        await asyncio.sleep(0.06)
+        await fetch(transport, make_request(server.url_server))
+        assert server.accepted == 2
+        assert transport.connection_count(server.url_server) == 1
+        await wait_for(lambda: server.closed_by_client == 1)
+
+
+@pytest.mark.anyio
+async def test_max_idle_per_host() -> None:
+    release = asyncio.Event()
+    async with RawServer(body_on_release(release)) as server, PoolTransport(max_idle_per_host=1) as t:
+        responses = [await t.handle_request(make_request(server.url_server)) for _ in range(3)]
+        assert t.connection_count(server.url_server) == 3
+        release.set()
+        for response in responses:
+            assert await read_body(response) == b"half"
+        assert t.connection_count(server.url_server) == 1
+        assert t.idle_count(server.url_server) == 1
+
+
+# -- early response while uploading ----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_early_response_stops_the_upload(transport: PoolTransport) -> None:
+    answered = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        await writer.drain()
+        # Like a server that refuses the body: read nothing more until the client is done.
+        await answered.wait()
+        await server.wait_client_eof(reader)
+
+    produced = 0
+
+    def endless() -> Iterator[bytes]:
+        nonlocal produced
+        while True:
+            produced += len(BLOCK)
+            yield BLOCK
+
+    async with RawServer(handler) as server:
+        request = make_request(server.url_server, "POST", body=streamed(endless()))
+        response, body = await fetch(transport, request)
+        answered.set()
+        assert (response.status, body) == (413, b"big")
+        assert produced < 64 * MiB
+        assert transport.connection_count(server.url_server) == 0
+        await wait_for(lambda: server.closed_by_client == 1)
+
+
+# -- limits --------------------------------------------------------------------------------------
+
+
+def body_on_release(release: asyncio.Event) -> Handler:
+    """Each response's body is completed only once `release` is set."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nha")
+            await release.wait()
+            writer.write(b"lf")
+
+    return handler
+
+
+@pytest.mark.anyio
+async def test_max_connections_per_host_waits_then_times_out() -> None:
+    release = asyncio.Event()
+    async with RawServer(body_on_release(release)) as server, PoolTransport(max_connections_per_host=1) as t:
+        first = await t.handle_request(make_request(server.url_server))
+        with pytest.raises(ConnectTimeout):
+            await t.handle_request(make_request(server.url_server, connect_timeout=0.05))
+
+        async def second() -> bytes:
+            _, body = await fetch(t, make_request(server.url_server))
+            return body
+
+        waiting = asyncio.ensure_future(second())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        release.set()
+        assert await read_body(first) == b"half"
+        assert await waiting == b"half"
+        assert server.accepted == 1
+        assert t.connection_count(server.url_server) == 1
+
+
+@pytest.mark.anyio
+async def test_waiter_gets_the_slot_of_a_closed_connection() -> None:
+    release = asyncio.Event()
+    async with RawServer(body_on_release(release)) as server, PoolTransport(max_connections_per_host=1) as t:
+        first = await t.handle_request(make_request(server.url_server))
+        waiting = asyncio.ensure_future(t.handle_request(make_request(server.url_server)))
+        await asyncio.sleep(0)
+        await first.aclose()  # early close: the connection goes, its slot is handed over
+        release.set()
+        assert await read_body(await waiting) == b"half"
+        assert server.accepted == 2
+
+
+# -- cancellation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["head", "body", "pool"])
+async def test_cancellation_closes_the_connection(where: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        if where != "head":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+        await server.wait_client_eof(reader)
+
+    async with RawServer(handler) as server, PoolTransport(max_connections_per_host=1) as transport:
+        target = server.url_server
+        got_first = anyio.Event()
+        holder: list[Response] = []
+
+        async def client() -> None:
+            response = await transport.handle_request(make_request(target, read_timeout=None))
+            holder.append(response)
+            try:
+                async for _ in response.stream:
+                    got_first.set()
+            finally:
+                await response.aclose()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client)
+            if where == "head":
+                await wait_for(lambda: server.accepted == 1)
+            else:
+                await got_first.wait()
+            pool = transport._pools[("http", HOST, server.port)]
+            if where == "pool":
+                async with anyio.create_task_group() as waiting:
+                    waiting.start_soon(transport.handle_request, make_request(target, connect_timeout=None))
+                    await wait_for(lambda: pool.waiters)
+                    waiting.cancel_scope.cancel()
+                assert pool.count == 1
+            tg.cancel_scope.cancel()
+        assert transport.connection_count(target) == 0
+        await wait_for(lambda: server.closed_by_client == 1)
+        if where != "head":
+            assert holder and holder[0].status == 200
+        # Nothing leaked: no slot is still taken, no waiter left behind.
+        pool = transport._pools[("http", HOST, server.port)]
+        assert pool.count == 0
+        assert not [waiter for waiter in pool.waiters if not waiter.done()]
+
+
+# -- lifecycle and TLS ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_closed_transport_refuses_requests() -> None:
+    async with raw_server(OK) as server:
+        transport = PoolTransport()
+        await fetch(transport, make_request(server.url_server))
+        assert transport.idle_count(server.url_server) == 1
+        await transport.aclose()
+        assert transport.connection_count(server.url_server) == 0
+        await wait_for(lambda: server.closed_by_client == 1)
+        with pytest.raises(RuntimeError, match="closed"):
+            await transport.handle_request(make_request(server.url_server))
+        with pytest.raises(RuntimeError):
+            async with transport:
+                pass
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "the TLS tests need the openssl command"
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+            "-subj", f"/CN={HOST}", "-addext", f"subjectAltName=IP:{HOST}",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.anyio
+async def test_tls_upstream(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    ref: list[RawServer] = []
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nsecure\r\n0\r\n\r\n"
+    server = RawServer(keep_alive_handler(ref, chunked), ssl_context=server_context)
+    ref.append(server)
+    async with server, PoolTransport(ssl_context=ssl.create_default_context(cafile=str(cert))) as transport:
+        for _ in range(2):
+            response, body = await fetch(transport, make_request(server.url_server))
+            assert body == b"secure"
+            assert response.peer_address == HOST
+        assert server.accepted == 1
+        assert server.requests[0][0].startswith(b"GET / HTTP/1.1\r\nhost: ")
+    async with server, PoolTransport() as untrusting:
+        with pytest.raises(ConnectError, match="certificate"):
+            await untrusting.handle_request(make_request(server.url_server))

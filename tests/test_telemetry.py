@@ -16,6 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics import MeterProvider
@@ -24,7 +25,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanKind, StatusCode, TraceFlags
 
 from asgi_gateway import ConnectError, Gateway, GatewayMiddleware, JsonFormatter
 from asgi_gateway._telemetry import Telemetry
@@ -196,7 +197,7 @@ async def test_client_span_per_attempt_with_semconv_attributes(otel: Otel) -> No
     upstream = ScriptedTransport(200, peer="10.9.8.7")
     app = Gateway(make_config(), transport=upstream, **otel.providers)
 
-    await call(app, headers={"traceparent": CLIENT_TRACEPARENT, "tracestate": "client=1"})
+    await call(app, headers={"traceparent": CLIENT_TRACEPARENT, "tracestate": "client=1", "baggage": "k=v"})
 
     server = otel.server_span()
     (client,) = otel.spans(SpanKind.CLIENT)
@@ -215,11 +216,57 @@ async def test_client_span_per_attempt_with_semconv_attributes(otel: Otel) -> No
     assert client.end_time is not None and server.end_time is not None
     assert client.end_time <= server.end_time
     # The upstream sees the attempt's CLIENT span as parent, not the client's span; the
-    # client's tracestate still travels, through the extracted context.
+    # client's tracestate and baggage still travel, through the extracted context.
     trace_id, span_id = hex_ids(client)
     (sent,) = upstream.header(0, b"traceparent")
     assert parse_traceparent(sent) == (trace_id, span_id, True)
     assert upstream.header(0, b"tracestate") == [b"client=1"]
+    assert upstream.header(0, b"baggage") == [b"k=v"]
+
+
+class HeaderPropagator(TextMapPropagator):
+    """A non-W3C propagator: `x-trace: TRACEID:SPANID`."""
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+        values = getter.get(carrier, "x-trace") if getter else None
+        if not values:
+            return context or Context()
+        trace_id, span_id = values[0].split(":")
+        parent = trace.SpanContext(
+            int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(1)
+        )
+        return trace.set_span_in_context(trace.NonRecordingSpan(parent), context)
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+        span_context = trace.get_current_span(context).get_span_context()
+        assert setter is not None
+        setter.set(carrier, "x-trace", "{}:{}".format(*hex_ids_of(span_context)))
+
+    @property
+    def fields(self) -> set[str]:
+        return {"x-trace"}
+
+
+def hex_ids_of(span_context: trace.SpanContext) -> tuple[str, str]:
+    return trace.format_trace_id(span_context.trace_id), trace.format_span_id(span_context.span_id)
+
+
+async def test_the_configured_propagator_is_used(otel: Otel) -> None:
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(HeaderPropagator())
+    try:
+        upstream = ScriptedTransport(200)
+        app = Gateway(make_config(), transport=upstream, **otel.providers)
+        await call(app, headers={"x-trace": f"{CLIENT_TRACE_ID}:{CLIENT_SPAN_ID}", "traceparent": "kept"})
+    finally:
+        propagate.set_global_textmap(previous)
+
+    server = otel.server_span()
+    assert hex_ids(server)[0] == CLIENT_TRACE_ID
+    (client,) = otel.spans(SpanKind.CLIENT)
+    assert upstream.header(0, b"x-trace") == ["{}:{}".format(*hex_ids(client)).encode()]
+    # Not a field of this propagator: passed through as any other header.
+    assert upstream.header(0, b"traceparent") == [b"kept"]
 
 
 async def test_retried_request_has_a_client_span_per_attempt_and_a_retry_event(otel: Otel) -> None:

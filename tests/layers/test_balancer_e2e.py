@@ -11,7 +11,7 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
-from conftest import Upstreams
+from servers import Upstreams
 from servers import UpstreamProcess, wait_until
 
 STATUS = "/-/gateway/status"

@@ -366,8 +366,7 @@ class Telemetry:
         """Called once the exchange is over."""
         duration = time.perf_counter() - token.start
         failure = _error_type(status, error)
-        if token.span is not None or token.context_token is not None:
-            self._finish_span(token, status, error, failure)
+        # Recorded while the request's span is current, so a sampled request leaves an exemplar.
         histogram = self.server_duration
         if histogram is not None and not (token.host and self._host_records_server_duration):
             attributes: dict[str, AttributeValue] = {
@@ -383,6 +382,8 @@ class Telemetry:
                 histogram.record(duration, attributes)
             except Exception as exc:
                 self.report("server duration metric", exc)
+        if token.span is not None or token.context_token is not None:
+            self._finish_span(token, status, error, failure)
         if access_logger.isEnabledFor(logging.INFO):
             self._access_log(token, exchange, status, error, duration)
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 if TYPE_CHECKING:
     from ._config import UpstreamConfig
 
 __all__ = [
+    "IDEMPOTENT_METHODS",
     "Exchange",
     "Handler",
     "Headers",
@@ -25,6 +26,7 @@ __all__ = [
     "ResponseStream",
     "Server",
     "Transport",
+    "may_resend",
 ]
 
 Headers = list[tuple[bytes, bytes]]
@@ -158,6 +160,21 @@ class Request:
     server: Server | None = None
     connect_timeout: float | None = None
     read_timeout: float | None = None
+
+
+#: Methods that may reach a server twice without changing the outcome (RFC 9110, 9.2.2).
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def may_resend(request: Request) -> bool:
+    """Whether the upstream may see `request` twice: an idempotent method or an Idempotency-Key.
+
+    Anything that sends a request again after it may have reached the server (a transport
+    replaying it on a fresh connection, say) must ask this first.
+    """
+    if request.method in IDEMPOTENT_METHODS:
+        return True
+    return any(name == b"idempotency-key" for name, _ in request.headers)
 
 
 CloseCallback = Callable[["Response", "BaseException | None"], None]

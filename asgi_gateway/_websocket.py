@@ -1,15 +1,144 @@
-"""WebSocket sessions relayed to an upstream chosen by the same layers."""
+"""WebSocket sessions, relayed to an upstream server chosen by the same layers as requests.
+
+The handshake is a GET through the upstream's retry policy and failover layer: the
+balancer picks the server (`consistent_hash` keeps a user's sockets on one), and connect
+failures, resets, timeouts and 502/503/504 refusals go to another server within
+`retry.attempts` and `timeouts.total`, counted by outlier detection. The client's
+handshake completes only once an upstream has accepted, with the subprotocol that
+upstream chose. When nothing accepts, the client is refused: with the gateway's JSON
+error (502/503/504) or the upstream's own refusal (401, 403, ...) where the server in
+front supports the "websocket.http.response" extension, else with a close (1014 for
+gateway errors), which servers send as a 403.
+
+Then messages flow both ways, one at a time per direction: neither side is read before
+the other has taken the previous message, so memory is bounded by one message plus the
+libraries' own small queues. Close codes and reasons pass through both ways; an upstream
+that vanishes closes the client with 1011, a client that vanishes closes the upstream
+with 1001 (going away).
+
+The upstream side is the `websockets` library's asyncio client, the optional
+`asgi-gateway[websockets]` extra, so sessions run under asyncio only.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import functools
+import logging
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextvars import Token
+from typing import TYPE_CHECKING, Any, Final, Literal
+from urllib.parse import quote_from_bytes
 
-from ._proxy import TrustedProxies
+import anyio
+import sniffio
+from opentelemetry import context, metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+
+from ._exceptions import (
+    ConnectError,
+    ConnectionReset,
+    ConnectTimeout,
+    GatewayError,
+    InvalidResponse,
+    ReadTimeout,
+    UpstreamError,
+    error_response,
+)
+from ._layers.failover import FailoverLayer
+from ._layers.retry import RetryLayer
+from ._proxy import TrustedProxies, downstream_headers, make_request_id, sane_request_id, upstream_headers
 from ._routing import Route
 from ._stack import UpstreamStack
-from ._telemetry import Telemetry
+from ._telemetry import _SCHEMA_URL, _SCOPE_NAME, Telemetry, _version, error_type
+from ._types import Exchange, Handler, Request, RequestBody, Response, Server
 
-__all__ = ["proxy_websocket"]
+if TYPE_CHECKING:
+    from opentelemetry.metrics import UpDownCounter
+    from opentelemetry.trace import Span, Tracer
+    from websockets.asyncio.client import ClientConnection
+    from websockets.exceptions import ConnectionClosed
+
+try:
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+except ImportError:  # pragma: no cover - an API that moved it; then nothing counts as a proxy
+
+    class _ProxyMeterProvider:  # type: ignore[no-redef]
+        pass
+
+
+__all__ = ["proxy_websocket", "unavailable_reason", "warn_if_unavailable"]
+
+logger = logging.getLogger("asgi_gateway")
+access_logger = logging.getLogger("asgi_gateway.access")
+
+EXTRA: Final = "pip install 'asgi-gateway[websockets]'"
+
+#: Seconds a closing handshake with the upstream may take before its connection is cut.
+CLOSE_TIMEOUT: Final = 5.0
+#: Close codes that may go on the wire (RFC 6455 7.4; 1004-1006 and 1015 never do).
+_SENDABLE_CODES: Final = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+# The WebSocket library writes its own handshake headers; the client's would contradict them.
+_OWN_PREFIX: Final = b"sec-websocket-"
+# Of the upstream's 101 answer, these belong to the upstream connection or are the client-side
+# server's to write; the rest (Set-Cookie, ...) reaches the client with the accept.
+_NOT_RELAYED_DOWN: Final = frozenset(
+    {
+        b"sec-websocket-accept",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+        b"date",
+        b"server",
+        b"content-length",
+    }
+)
+_HTTP_RESPONSE_EXTENSION: Final = "websocket.http.response"
+
+# Span and metric names: no semantic conventions exist for WebSocket sessions yet.
+MESSAGES_TO_UPSTREAM: Final = "gateway.websocket.messages.client_to_upstream"
+MESSAGES_TO_CLIENT: Final = "gateway.websocket.messages.upstream_to_client"
+CLOSE_CODE: Final = "gateway.websocket.close.code"
+CLOSED_BY: Final = "gateway.websocket.closed_by"
+SESSIONS_METRIC: Final = "gateway.websocket.sessions"
+
+ClosedBy = Literal["client", "upstream", "gateway"]
+
+
+# -- availability -------------------------------------------------------------------------
+
+
+def unavailable_reason() -> str | None:
+    """Why this process cannot proxy WebSocket sessions, or None when it can.
+
+    Needs the `websockets` library (>= 13, the `asgi-gateway[websockets]` extra) and,
+    when called from async code, an asyncio event loop.
+    """
+    try:
+        import websockets.asyncio.client  # noqa: F401
+    except ImportError:
+        return f"WebSocket proxying needs the websockets library (>= 13): {EXTRA}"
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return None
+    if library != "asyncio":
+        return f"WebSocket proxying runs on asyncio only, not on {library}"
+    return None
+
+
+def warn_if_unavailable() -> bool:
+    """At start-up: log a warning when WebSocket handshakes would be refused; True when they would."""
+    reason = unavailable_reason()
+    if reason is not None:
+        logger.warning("WebSocket handshakes on gateway routes will be refused: %s", reason)
+    return reason is not None
+
+
+# -- the session --------------------------------------------------------------------------
 
 
 async def proxy_websocket(
@@ -23,5 +152,789 @@ async def proxy_websocket(
     telemetry: Telemetry,
     trusted: TrustedProxies,
 ) -> None:
-    """Relay one WebSocket session (not yet supported: the handshake is refused)."""
-    await send({"type": "websocket.close", "code": 1011, "reason": "websocket proxying is not available"})
+    """Relay one WebSocket session between the client and a server of `stack`'s upstream."""
+    reason = unavailable_reason()
+    if reason is not None:
+        logger.error(
+            "refused a WebSocket handshake on route %r: %s",
+            route.path,
+            reason,
+            extra={"route": route.path, "upstream": route.upstream},
+        )
+        await _refuse_with_error(scope, send, GatewayError(reason), make_request_id())
+        return
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    request = _handshake_request(scope, route, path, stack, trusted)
+    exchange = request.exchange
+    session = _Session(telemetry, scope, route, exchange)
+    try:
+        await session.run(scope, receive, send, request, stack)
+    except Exception as exc:
+        # A bug of ours must still end the client's handshake or session, never hang it.
+        logger.exception("unexpected error while relaying a WebSocket session", extra=_log_extra(exchange))
+        session.error = exc
+        if not session.accepted:
+            # An accepted session's relay has closed both ends on its way out.
+            with anyio.CancelScope(shield=True):
+                await _refuse_with_error(scope, send, GatewayError("internal error"), exchange.request_id)
+    finally:
+        session.finish()
+
+
+def _handshake_request(
+    scope: dict[str, Any], route: Route, path: bytes, stack: UpstreamStack, trusted: TrustedProxies
+) -> Request:
+    client = scope.get("client")
+    peer = client[0] if client else None
+    # X-Forwarded-Proto names the HTTP scheme the upgrade came over, as NGINX's $scheme does.
+    scheme = "https" if scope.get("scheme") == "wss" else "http"
+    is_trusted = bool(trusted) and peer in trusted
+    headers, incoming = upstream_headers(
+        scope["headers"], client_host=peer, scheme=scheme, trusted=is_trusted
+    )
+    headers = [header for header in headers if not header[0].startswith(_OWN_PREFIX)]
+    request_id = (
+        incoming.request_id.decode("ascii")
+        if incoming.request_id is not None and sane_request_id(incoming.request_id)
+        else make_request_id()
+    )
+    headers.append((b"x-request-id", request_id.encode()))
+    client_ip = trusted.client_address(peer, incoming.forwarded_for) if is_trusted else peer
+    query: bytes = scope.get("query_string", b"")
+    exchange = Exchange(
+        request_id=request_id,
+        route=route.path,
+        upstream=stack.config,
+        client_ip=client_ip or "",
+        path=path.decode("latin-1"),
+        scheme=scheme,
+    )
+    return Request(
+        method="GET",
+        target=path + b"?" + query if query else path,
+        headers=headers,
+        body=RequestBody([], None),
+        exchange=exchange,
+        host=incoming.host if route.preserve_host else None,
+    )
+
+
+class _Session:
+    """One client's WebSocket session: its handshake, relay, close and telemetry."""
+
+    __slots__ = (
+        "_context_token",
+        "_sessions",
+        "accepted",
+        "close_code",
+        "closed_by",
+        "error",
+        "exchange",
+        "route",
+        "scope",
+        "span",
+        "start",
+        "status",
+        "telemetry",
+        "to_client",
+        "to_upstream",
+    )
+
+    def __init__(self, telemetry: Telemetry, scope: dict[str, Any], route: Route, exchange: Exchange) -> None:
+        self.telemetry = telemetry
+        self.scope = scope
+        self.route = route
+        self.exchange = exchange
+        self.start = time.perf_counter()
+        self.accepted = False
+        self.status = 500
+        self.error: BaseException | None = None
+        self.to_upstream = 0
+        self.to_client = 0
+        self.closed_by: ClosedBy | None = None
+        self.close_code: int | None = None
+        self.span: Span | None = None
+        self._context_token: Token[context.Context] | None = None
+        self._sessions: UpDownCounter | None = None
+        self._start_span()
+
+    # -- handshake ---------------------------------------------------------------------
+
+    async def run(
+        self, scope: dict[str, Any], receive: Any, send: Any, request: Request, stack: UpstreamStack
+    ) -> None:
+        exchange = self.exchange
+        connector = _Connector(scope.get("subprotocols") or (), self.route.max_body_size)
+        try:
+            response = await _handshake(stack, self.telemetry, request, connector)
+        except GatewayError as exc:
+            if isinstance(exc, UpstreamError):
+                logger.info(
+                    "WebSocket handshake failed upstream: %s",
+                    exc.detail or exc.code,
+                    extra=_log_extra(exchange),
+                )
+            self.error = exc
+            self.status = await _refuse_with_error(scope, send, exc, exchange.request_id)
+            return
+        self.status = response.status
+        upgraded = response.stream
+        if not isinstance(upgraded, _Upgraded):
+            # The upstream refused the upgrade and no other server was to be tried: its answer goes to the client.
+            error: BaseException | None = None
+            try:
+                await _refuse_with_response(scope, send, response, exchange.request_id)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose(error)
+            return
+        await self._relay(upgraded.connection, response, receive, send)
+
+    # -- relay -------------------------------------------------------------------------
+
+    async def _relay(self, connection: ClientConnection, response: Response, receive: Any, send: Any) -> None:
+        relay = _Relay(connection, receive, send, self.route.max_body_size)
+        headers = [
+            header
+            for header in downstream_headers(response.headers, self.exchange.request_id.encode())
+            if header[0] not in _NOT_RELAYED_DOWN
+        ]
+        error: BaseException | None = None
+        try:
+            try:
+                await send(
+                    {"type": "websocket.accept", "subprotocol": connection.subprotocol, "headers": headers}
+                )
+            except OSError:
+                relay.client_left(1006, "")
+            else:
+                self.accepted = True
+                self.exchange.committed = True
+                self._opened()
+                await relay.run()
+        except BaseException as exc:
+            # Cancelled from outside (server shutdown): both ends hear that the gateway is going away.
+            relay.gateway_ends(1001, "gateway going away", None)
+            error = exc
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await relay.close()
+                self.to_upstream = relay.to_upstream
+                self.to_client = relay.to_client
+                self.closed_by = relay.closed_by
+                self.close_code = relay.close_code
+                if error is None:
+                    error = relay.error
+                    self.error = error
+                await response.aclose(error)
+
+    # -- telemetry ---------------------------------------------------------------------
+
+    def _start_span(self) -> None:
+        telemetry = self.telemetry
+        try:
+            tracer = _tracer(telemetry)
+            if tracer is None:
+                return
+            scope = self.scope
+            current = trace.get_current_span().get_span_context()
+            parent: context.Context | None = None
+            kind = SpanKind.SERVER
+            if not current.is_valid:
+                parent = telemetry.propagation().extract(scope["headers"])
+            elif not current.is_remote:
+                # The host app traces the handshake already (its ASGI middleware's span): nest under it.
+                kind = SpanKind.INTERNAL
+            attributes: dict[str, AttributeValue] = {
+                "http.route": self.route.path,
+                "http.request.method": "GET",
+                "url.path": scope.get("path", ""),
+                "url.scheme": scope.get("scheme", "ws"),
+                "gateway.upstream": self.route.upstream,
+            }
+            if self.exchange.client_ip:
+                attributes["client.address"] = self.exchange.client_ip
+            span = tracer.start_span(
+                f"WebSocket {self.route.path}", context=parent, kind=kind, attributes=attributes
+            )
+            # Current for the handshake, so its CLIENT spans (or, unsampled, the traceparent
+            # sent upstream) hang under the session.
+            self._context_token = context.attach(trace.set_span_in_context(span, parent))
+            if span.is_recording():
+                self.span = self.exchange.span = span
+        except Exception as exc:
+            telemetry.report("websocket span start", exc)
+
+    def _opened(self) -> None:
+        try:
+            self._sessions = _sessions_counter(self.telemetry)
+            if self._sessions is not None:
+                self._sessions.add(1, self._metric_attributes())
+        except Exception as exc:
+            self._sessions = None
+            self.telemetry.report("websocket sessions metric", exc)
+
+    def _metric_attributes(self) -> dict[str, AttributeValue]:
+        return {"gateway.upstream": self.route.upstream, "http.route": self.route.path}
+
+    def finish(self) -> None:
+        """Called once the session is over: span, metrics, access log."""
+        telemetry = self.telemetry
+        duration = time.perf_counter() - self.start
+        if self._sessions is not None:
+            try:
+                self._sessions.add(-1, self._metric_attributes())
+            except Exception as exc:
+                telemetry.report("websocket sessions metric", exc)
+        span = self.span
+        try:
+            if span is not None:
+                attributes: dict[str, AttributeValue] = {
+                    "http.response.status_code": self.status,
+                    MESSAGES_TO_UPSTREAM: self.to_upstream,
+                    MESSAGES_TO_CLIENT: self.to_client,
+                }
+                if self.close_code is not None:
+                    attributes[CLOSE_CODE] = self.close_code
+                if self.closed_by is not None:
+                    attributes[CLOSED_BY] = self.closed_by
+                error = self.error
+                if error is not None:
+                    attributes["error.type"] = error_type(error)
+                elif self.status >= 500:
+                    attributes["error.type"] = str(self.status)
+                span.set_attributes(attributes)
+                if (error is not None and not isinstance(error, anyio.get_cancelled_exc_class())) or (
+                    self.status >= 500
+                ):
+                    span.set_status(Status(StatusCode.ERROR, str(error) if error is not None else None))
+                span.end()
+        except Exception as exc:
+            telemetry.report("websocket span end", exc)
+        finally:
+            if self._context_token is not None:
+                context.detach(self._context_token)
+        if access_logger.isEnabledFor(logging.INFO):
+            self._access_log(duration)
+
+    def _access_log(self, duration: float) -> None:
+        exchange = self.exchange
+        server = exchange.server.url if exchange.server is not None else None
+        try:
+            access_logger.info(
+                "WebSocket %s %d %.1fms route=%s upstream=%s server=%s attempts=%d messages=%d/%d "
+                "close=%s by=%s request_id=%s",
+                self.scope.get("path", ""),
+                self.status,
+                duration * 1000,
+                exchange.route,
+                exchange.upstream.name,
+                server or "-",
+                exchange.attempts,
+                self.to_upstream,
+                self.to_client,
+                self.close_code if self.close_code is not None else "-",
+                self.closed_by or "-",
+                exchange.request_id,
+                extra={
+                    "route": exchange.route,
+                    "upstream": exchange.upstream.name,
+                    "server": server,
+                    "method": "GET",
+                    "path": self.scope.get("path", ""),
+                    "upstream_path": exchange.path,
+                    "status": self.status,
+                    "attempts": exchange.attempts,
+                    "duration": duration,
+                    "request_id": exchange.request_id,
+                    "client": exchange.client_ip or None,
+                    "error": error_type(self.error) if self.error is not None else None,
+                    "websocket_messages_to_upstream": self.to_upstream,
+                    "websocket_messages_to_client": self.to_client,
+                    "websocket_close_code": self.close_code,
+                    "websocket_closed_by": self.closed_by,
+                },
+            )
+        except Exception as exc:
+            self.telemetry.report("access log", exc)
+
+
+class _Relay:
+    """Moves messages both ways and decides how each end is closed."""
+
+    __slots__ = (
+        "_client_close",
+        "_client_gone",
+        "_upstream_close",
+        "close_code",
+        "closed_by",
+        "connection",
+        "error",
+        "limit",
+        "receive",
+        "send",
+        "to_client",
+        "to_upstream",
+    )
+
+    def __init__(self, connection: ClientConnection, receive: Any, send: Any, limit: int | None) -> None:
+        self.connection = connection
+        self.receive = receive
+        self.send = send
+        self.limit = limit
+        self.to_upstream = 0
+        self.to_client = 0
+        self.closed_by: ClosedBy | None = None
+        self.close_code: int | None = None
+        #: Why the upstream side failed, for outlier detection and the span.
+        self.error: UpstreamError | None = None
+        self._client_close: tuple[int, str] | None = None
+        self._upstream_close: tuple[int, str] = (1001, "")
+        self._client_gone = False
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._from_client, tg.cancel_scope)
+            tg.start_soon(self._from_upstream, tg.cancel_scope)
+
+    async def _from_client(self, done: anyio.CancelScope) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        receive = self.receive
+        connection = self.connection
+        limit = self.limit
+        try:
+            while True:
+                message = await receive()
+                kind = message["type"]
+                if kind == "websocket.receive":
+                    text = message.get("text")
+                    data: str | bytes = text if text is not None else message.get("bytes") or b""
+                    if limit is not None and len(data) > limit:
+                        self.gateway_ends(1009, f"message over the limit of {limit} bytes", None)
+                        break
+                    await connection.send(data)
+                    self.to_upstream += 1
+                elif kind == "websocket.disconnect":
+                    self.client_left(message.get("code", 1005), message.get("reason") or "")
+                    break
+        except ConnectionClosed:
+            # The upstream's side sees the same close and tells the client.
+            return
+        done.cancel()
+
+    async def _from_upstream(self, done: anyio.CancelScope) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        connection = self.connection
+        send = self.send
+        try:
+            while True:
+                data = await connection.recv()
+                if isinstance(data, str):
+                    await send({"type": "websocket.send", "text": data})
+                else:
+                    await send({"type": "websocket.send", "bytes": data})
+                self.to_client += 1
+        except ConnectionClosed as exc:
+            self._upstream_closed(exc)
+        except OSError:
+            # Servers following ASGI 2.4 raise OSError from send() once the client is gone;
+            # its disconnect message reaches the other direction.
+            return
+        done.cancel()
+
+    # -- how it ends -------------------------------------------------------------------
+
+    def client_left(self, code: int, reason: str) -> None:
+        if self.closed_by is not None:
+            return
+        self.closed_by = "client"
+        self.close_code = code
+        self._client_gone = True
+        # 1005/1006 say the client closed without a code or vanished; either way it went away.
+        self._upstream_close = (
+            (code, reason) if code in _SENDABLE_CODES or 3000 <= code < 5000 else (1001, "")
+        )
+
+    def gateway_ends(self, code: int, reason: str, error: UpstreamError | None) -> None:
+        if self.closed_by is not None:
+            return
+        self.closed_by = "gateway"
+        self.close_code = code
+        self.error = error
+        self._client_close = (code, reason)
+        self._upstream_close = (1001, "")
+
+    def _upstream_closed(self, exc: ConnectionClosed) -> None:
+        if self.closed_by is not None:
+            return
+        rcvd, sent = exc.rcvd, exc.sent
+        if sent is not None and (rcvd is None or not exc.rcvd_then_sent):
+            # The library ended it during the session: a keepalive ping timeout (1011), a
+            # message over max_size (1009) or a protocol error by the upstream.
+            code = 1009 if sent.code == 1009 else 1011
+            error = ReadTimeout(sent.reason) if sent.code == 1011 else None
+            self.gateway_ends(code, sent.reason, error)
+            return
+        self.closed_by = "upstream"
+        if rcvd is None:
+            self.close_code = 1011
+            self.error = ConnectionReset("the upstream's WebSocket connection was lost")
+            self._client_close = (1011, "upstream connection lost")
+        else:
+            # A close frame without a code (1005) is a normal close.
+            code = rcvd.code if rcvd.code in _SENDABLE_CODES or 3000 <= rcvd.code < 5000 else 1000
+            self.close_code = code
+            self._client_close = (code, rcvd.reason if code == rcvd.code else "")
+
+    async def close(self) -> None:
+        """Close both ends as decided (shielded by the caller); bounded in time."""
+        code, reason = self._upstream_close
+        with anyio.move_on_after(CLOSE_TIMEOUT + 1.0):
+            try:
+                await self.connection.close(code, reason)
+            except Exception:
+                logger.debug("closing the upstream WebSocket connection failed", exc_info=True)
+        if not self._client_gone:
+            code, reason = self._client_close or (1001, "")
+            await _send_close(self.send, code, reason)
+
+
+# -- the handshake's layers ---------------------------------------------------------------
+
+
+async def _handshake(
+    stack: UpstreamStack, telemetry: Telemetry, request: Request, connector: _Connector
+) -> Response:
+    """The upstream's retry and failover layers, with the WebSocket client in place of the HTTP transport.
+
+    Composed per handshake around the upstream's shared failover layer (servers, health,
+    balancer) and retry budget; sessions do not count against `max_concurrent_requests`.
+    """
+    attempt = _ViaFailover(stack.failover, _EndAttempt(connector, telemetry.client_layer(connector)))
+    handler = stack.handler
+    budget = handler.budget if isinstance(handler, RetryLayer) else None
+    retry = RetryLayer(stack.config, attempt, telemetry.events, budget=budget)
+    return await retry.handle_request(request)
+
+
+class _ViaFailover(Handler):
+    """The upstream's own failover layer, sending each attempt through `inner`."""
+
+    def __init__(self, failover: FailoverLayer, inner: Handler) -> None:
+        self._failover = failover
+        self._inner = inner
+
+    async def handle_request(self, request: Request) -> Response:
+        return await self._failover.handle_with(request, self._inner)
+
+
+class _EndAttempt(Handler):
+    """Ends the attempt's CLIENT span with the handshake; the session keeps the connection.
+
+    The failover layer above still holds the server in flight until the session's
+    response is closed, so `least_connections` counts open sessions.
+    """
+
+    def __init__(self, connector: _Connector, inner: Handler) -> None:
+        self._connector = connector
+        self._inner = inner
+
+    async def handle_request(self, request: Request) -> Response:
+        response = await self._inner.handle_request(request)
+        connection, self._connector.connection = self._connector.connection, None
+        if connection is None:
+            return response
+        await response.aclose()
+        return Response(
+            response.status,
+            response.headers,
+            _Upgraded(connection),
+            server=response.server,
+            peer_address=response.peer_address,
+        )
+
+
+class _Connector(Handler):
+    """Opens the WebSocket connection to `request.server`: the handshake's transport."""
+
+    def __init__(self, subprotocols: Sequence[str], max_size: int | None) -> None:
+        self.subprotocols = list(subprotocols)
+        self.max_size = max_size
+        #: The connection the last attempt opened, until `_EndAttempt` takes it.
+        self.connection: ClientConnection | None = None
+
+    async def handle_request(self, request: Request) -> Response:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidHandshake, InvalidMessage, InvalidStatus
+        from websockets.typing import Subprotocol
+        from websockets.uri import WebSocketURI
+
+        server = request.server
+        assert server is not None, "the failover layer sets request.server"
+        secure = server.scheme == "https"
+        sock = await _open_socket(server, request.connect_timeout)
+        peer = _peer_address(sock)
+        tls: dict[str, Any] = {"ssl": _tls_context(), "server_hostname": server.host} if secure else {}
+        client = connect(
+            ("wss" if secure else "ws") + server.url[server.url.index(":") :],
+            sock=sock,
+            additional_headers=[
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
+            ],
+            user_agent_header=None,
+            compression=None,
+            subprotocols=[Subprotocol(name) for name in self.subprotocols] or None,
+            proxy=None,
+            open_timeout=request.read_timeout,
+            close_timeout=CLOSE_TIMEOUT,
+            max_size=self.max_size,
+            **tls,
+        )
+        # The request line carries the raw target byte for byte, and Host is the upstream's
+        # or, with preserve_host, the client's.
+        path, _, query = _ascii(request.target).partition("?")
+        host, port = (
+            (server.host, server.port) if request.host is None else _split_host(request.host, server.port)
+        )
+        client.ws_uri = WebSocketURI(secure, host, port, path, query)
+        try:
+            connection = await client
+        except InvalidStatus as exc:
+            return _refusal(exc, server, peer)
+        except ValueError as exc:
+            # With the socket given, a redirect is not followed: it raises, carrying the 3xx.
+            if isinstance(exc.__cause__, InvalidStatus):
+                return _refusal(exc.__cause__, server, peer)
+            raise InvalidResponse(f"WebSocket handshake with {server.url} failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise ReadTimeout(f"{server.url} did not answer the WebSocket handshake in time") from exc
+        except InvalidMessage as exc:
+            if isinstance(exc.__cause__, EOFError | OSError):
+                raise ConnectionReset(
+                    f"{server.url} closed the connection during the WebSocket handshake"
+                ) from exc
+            raise InvalidResponse(f"invalid WebSocket handshake answer from {server.url}: {exc}") from exc
+        except InvalidHandshake as exc:
+            raise InvalidResponse(f"invalid WebSocket handshake answer from {server.url}: {exc}") from exc
+        except ssl.SSLError as exc:
+            raise ConnectError(f"TLS handshake with {server.url} failed: {exc}") from exc
+        except OSError as exc:
+            raise ConnectionReset(
+                f"connection to {server.url} broke during the WebSocket handshake: {exc}"
+            ) from exc
+        assert connection.response is not None
+        self.connection = connection
+        headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in connection.response.headers.raw_items()
+        ]
+        return Response(101, headers, _NoBody(), server=server, peer_address=peer)
+
+
+def _refusal(exc: Any, server: Server, peer: str | None) -> Response:
+    answer = exc.response
+    headers = [
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in answer.headers.raw_items()
+    ]
+    return Response(answer.status_code, headers, _Body(bytes(answer.body)), server=server, peer_address=peer)
+
+
+async def _open_socket(server: Server, connect_timeout: float | None) -> socket.socket:
+    """A TCP connection to `server` within `connect_timeout`: a failure here never reached the upstream."""
+    loop = asyncio.get_running_loop()
+    try:
+        with anyio.fail_after(connect_timeout):
+            infos = await loop.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
+            error: OSError | None = None
+            for family, kind, proto, _, address in infos:
+                sock = socket.socket(family, kind, proto)
+                try:
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, address)
+                except OSError as exc:
+                    sock.close()
+                    error = exc
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+            raise error or OSError(f"no address for {server.host}")
+    except TimeoutError as exc:
+        raise ConnectTimeout(f"connecting to {server.url} timed out") from exc
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {server.url}: {exc}") from exc
+
+
+def _peer_address(sock: socket.socket) -> str | None:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return None
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # Made once: loading the system's CA bundle costs milliseconds.
+    return ssl.create_default_context()
+
+
+def _ascii(target: bytes) -> str:
+    if target.isascii():
+        return target.decode("ascii")
+    return quote_from_bytes(target, safe=bytes(range(0x21, 0x7F)))
+
+
+def _split_host(value: bytes, default_port: int) -> tuple[str, int]:
+    text = value.decode("latin-1")
+    if text.startswith("["):
+        end = text.find("]")
+        host, rest = text[1:end], text[end + 1 :]
+    else:
+        host, colon, rest = text.partition(":")
+        rest = colon + rest
+    port = rest[1:]
+    return host, int(port) if port.isdigit() else default_port
+
+
+class _NoBody:
+    """The body of a handshake answer that has none."""
+
+    __slots__ = ()
+
+    def __aiter__(self) -> _NoBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _Body:
+    """The body of an upstream's refusal, read whole by the WebSocket library."""
+
+    __slots__ = ("_chunks",)
+
+    def __init__(self, body: bytes) -> None:
+        self._chunks = [body] if body else []
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._chunks:
+            return self._chunks.pop()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._chunks.clear()
+
+
+class _Upgraded:
+    """The "body" of an accepted handshake: the session's upstream connection."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _NoBody()
+
+    async def aclose(self) -> None:
+        from websockets.protocol import State
+
+        # The session closes the connection gracefully first; this cuts whatever is left.
+        if self.connection.state is not State.CLOSED:
+            self.connection.transport.abort()
+
+
+# -- answering the client -----------------------------------------------------------------
+
+
+def _has_http_response(scope: dict[str, Any]) -> bool:
+    return _HTTP_RESPONSE_EXTENSION in (scope.get("extensions") or {})
+
+
+async def _refuse_with_error(scope: dict[str, Any], send: Any, exc: GatewayError, request_id: str) -> int:
+    """Refuse the handshake with the gateway's JSON error where possible; returns the status."""
+    status, headers, body = error_response(exc, request_id)
+    try:
+        if _has_http_response(scope):
+            await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": 1014 if status in (502, 503, 504) else 1011})
+    except OSError:
+        pass
+    return status
+
+
+async def _refuse_with_response(
+    scope: dict[str, Any], send: Any, response: Response, request_id: str
+) -> None:
+    """Pass an upstream's refusal of the upgrade on to the client."""
+    try:
+        if _has_http_response(scope):
+            headers = downstream_headers(response.headers, request_id.encode())
+            await send(
+                {"type": "websocket.http.response.start", "status": response.status, "headers": headers}
+            )
+            async for chunk in response.stream:
+                await send({"type": "websocket.http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "websocket.http.response.body", "body": b""})
+        else:
+            await send({"type": "websocket.close", "code": 1014 if response.status >= 500 else 1008})
+    except OSError:
+        pass
+
+
+async def _send_close(send: Any, code: int, reason: str) -> None:
+    try:
+        await send({"type": "websocket.close", "code": code, "reason": reason})
+    except OSError:
+        pass
+
+
+def _log_extra(exchange: Exchange) -> dict[str, Any]:
+    return {"request_id": exchange.request_id, "upstream": exchange.upstream.name, "route": exchange.route}
+
+
+# -- telemetry ----------------------------------------------------------------------------
+
+
+def _tracer(telemetry: Telemetry) -> Tracer | None:
+    if telemetry.tracer is not None:
+        return telemetry.tracer
+    # The gateway resolves a global provider set after it was built on its next HTTP
+    # request; a WebSocket session may come first.
+    provider = telemetry.tracer_provider or trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return None
+    tracer = provider.get_tracer(_SCOPE_NAME, _version(), schema_url=_SCHEMA_URL)
+    return None if isinstance(tracer, trace.NoOpTracer) else tracer
+
+
+def _sessions_counter(telemetry: Telemetry) -> UpDownCounter | None:
+    provider = telemetry.meter_provider or metrics.get_meter_provider()
+    # A proxy provider (no SDK yet) would keep every instrument made through it.
+    if isinstance(provider, _ProxyMeterProvider | metrics.NoOpMeterProvider):
+        return None
+    # The SDK hands out the same meter and instrument again: this costs lookups, no state.
+    meter = provider.get_meter(_SCOPE_NAME, _version(), schema_url=_SCHEMA_URL)
+    if isinstance(meter, metrics.NoOpMeter):
+        return None
+    return meter.create_up_down_counter(
+        SESSIONS_METRIC, unit="{session}", description="WebSocket sessions open through the gateway."
+    )

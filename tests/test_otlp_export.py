@@ -279,7 +279,10 @@ def test_configure_from_environment_exports_traces_and_metrics(
     [
         ({}, set()),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{HOST}:{DEAD_PORT}", "OTEL_SDK_DISABLED": "true"}, set()),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{HOST}:{DEAD_PORT}"}, {"tracer_provider", "meter_provider"}),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{HOST}:{DEAD_PORT}"},
+            {"tracer_provider", "meter_provider"},
+        ),
         (
             {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{HOST}:{DEAD_PORT}", "OTEL_METRICS_EXPORTER": "none"},
             {"tracer_provider"},

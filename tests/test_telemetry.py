@@ -28,6 +28,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode, TraceFlags
 
 from asgi_gateway import ConnectError, Gateway, GatewayMiddleware, JsonFormatter
+from asgi_gateway._config import load_config
+from asgi_gateway._stack import make_servers
 from asgi_gateway._telemetry import Telemetry
 from asgi_gateway._types import Request, Response, Transport
 
@@ -122,17 +124,20 @@ class Otel:
         (span,) = self.spans(SpanKind.SERVER)
         return span
 
-    def points(self, name: str, scope: str | None = "asgi_gateway") -> list[Any]:
+    def collect(self, scope: str | None = "asgi_gateway") -> dict[str, list[Any]]:
+        """Data points by metric name, from one collection (exemplars are reset by each)."""
         data = self.reader.get_metrics_data()
-        found = []
+        found: dict[str, list[Any]] = {}
         for resource_metrics in data.resource_metrics if data else []:
             for scope_metrics in resource_metrics.scope_metrics:
                 if scope is not None and scope_metrics.scope.name != scope:
                     continue
                 for metric in scope_metrics.metrics:
-                    if metric.name == name:
-                        found.extend(metric.data.data_points)
+                    found.setdefault(metric.name, []).extend(metric.data.data_points)
         return found
+
+    def points(self, name: str, scope: str | None = "asgi_gateway") -> list[Any]:
+        return self.collect(scope).get(name, [])
 
     def close(self) -> None:
         self.tracer_provider.shutdown()
@@ -494,7 +499,8 @@ async def test_duration_metrics_have_semconv_attributes(otel: Otel) -> None:
     await call(app, method="POST")
     await call(app, method="POST")
 
-    (server,) = otel.points("http.server.request.duration")
+    collected = otel.collect()
+    (server,) = collected["http.server.request.duration"]
     assert server.count == 2
     assert dict(server.attributes) == {
         "http.request.method": "POST",
@@ -502,7 +508,7 @@ async def test_duration_metrics_have_semconv_attributes(otel: Otel) -> None:
         "http.route": "/api/users",
         "http.response.status_code": 201,
     }
-    (client,) = otel.points("http.client.request.duration")
+    (client,) = collected["http.client.request.duration"]
     assert client.count == 2
     assert dict(client.attributes) == {
         "http.request.method": "POST",
@@ -511,6 +517,12 @@ async def test_duration_metrics_have_semconv_attributes(otel: Otel) -> None:
         "http.response.status_code": 201,
     }
     assert 0 < client.sum <= server.sum
+    # Recorded inside the request's span: exemplars link the latency to the traces.
+    server_spans = {span.context.span_id for span in otel.spans(SpanKind.SERVER)}
+    client_spans = {span.context.span_id for span in otel.spans(SpanKind.CLIENT)}
+    assert server.exemplars and {exemplar.span_id for exemplar in server.exemplars} <= server_spans
+    assert client.exemplars and {exemplar.span_id for exemplar in client.exemplars} <= server_spans
+    assert client_spans.isdisjoint(exemplar.span_id for exemplar in client.exemplars)
     assert 0.005 in client.explicit_bounds and 10.0 in client.explicit_bounds
 
 
@@ -618,6 +630,42 @@ async def test_raising_telemetry_never_breaks_a_request(
     assert all(record.exc_info for record in failures)
     # The context was restored even though the span failed.
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+async def test_hooks_without_a_request_path_record_events_and_counters(otel: Otel) -> None:
+    telemetry = Telemetry(otel.tracer_provider, otel.meter_provider)
+    (server,) = make_servers(load_config(make_config()).upstreams["users"])
+    span = otel.tracer_provider.get_tracer("test").start_span("request")
+    exchange: Any = type("FakeExchange", (), {"span": span, "upstream": type("U", (), {"name": "users"})()})()
+
+    telemetry.events.retry_budget_exhausted(exchange, "status:503")
+    telemetry.events.ejected(server, 30.0, None)
+    telemetry.events.health_changed(server, False)
+    telemetry.events.readmitted(server)
+    telemetry.events.available_changed("users", 2)
+    telemetry.events.available_changed("orders", 0)
+    span.end()
+
+    (recorded,) = otel.spans()
+    assert [(event.name, dict(event.attributes or {})) for event in recorded.events] == [
+        ("retry_budget_exhausted", {"gateway.retry.reason": "status:503"})
+    ]
+    (exhausted,) = otel.points("gateway.retry_budget.exhausted")
+    assert dict(exhausted.attributes) == {"gateway.upstream": "users", "gateway.retry.reason": "status:503"}
+    (ejections,) = otel.points("gateway.ejections")
+    assert ejections.value == 1
+    (transitions,) = otel.points("gateway.health_check.transitions")
+    assert dict(transitions.attributes) == {
+        "gateway.upstream": "users",
+        "server.address": "10.0.0.1",
+        "server.port": 9001,
+        "gateway.health_check.healthy": False,
+    }
+    gauge = {
+        point.attributes["gateway.upstream"]: point.value
+        for point in otel.points("gateway.upstream.available_servers")
+    }
+    assert gauge == {"users": 2, "orders": 0}
 
 
 async def test_a_raising_hook_is_contained(otel: Otel, caplog: pytest.LogCaptureFixture) -> None:

@@ -152,3 +152,22 @@ def test_an_upstream_that_breaks_off_mid_body_marks_both_spans(
     assert (
         server.attributes is not None and server.attributes["error.type"] == client.attributes["error.type"]
     )
+
+
+def test_a_client_that_leaves_mid_body_ends_both_spans_without_an_error_status(
+    upstreams: Upstreams, traces: Traces, gateway_factory: Callable[..., str]
+) -> None:
+    url = gateway_factory(config(upstreams.u1.url), tracer_provider=traces.provider)
+
+    with httpx.stream("GET", f"{url}/api/users/hang?head=1") as response:
+        assert response.status_code == 200
+        next(response.iter_raw())
+    upstreams.u1.wait_disconnects("hang")
+
+    server = traces.wait_server_span()
+    (client,) = wait_until(lambda: traces.spans(SpanKind.CLIENT), message="the client span")
+    assert client.status.status_code is StatusCode.UNSET
+    assert client.attributes is not None and client.attributes["http.response.status_code"] == 200
+    assert client.attributes["error.type"] in {"CancelledError", "ClientDisconnected"}
+    assert server.status.status_code is StatusCode.UNSET
+    assert server.attributes is not None and server.attributes["error.type"] == "ClientDisconnected"

@@ -132,6 +132,15 @@ class FailoverLayer(Handler):
         self._recompute(self._clock())
 
     async def handle_request(self, request: Request) -> Response:
+        return await self.handle_with(request, self._inner)
+
+    async def handle_with(self, request: Request, inner: Handler) -> Response:
+        """`handle_request`, with `inner` instead of this layer's own inner handler sending the attempt.
+
+        For attempts that do not go through the HTTP transport (a WebSocket handshake): the
+        server is chosen, counted in flight until the response is closed, and judged by
+        outlier detection exactly as a request's attempt is.
+        """
         exchange = request.exchange
         if self._clock() >= self._next_expiry:
             self._readmit(self._clock())
@@ -141,7 +150,7 @@ class FailoverLayer(Handler):
         exchange.tried.append(server)
         server.in_flight += 1
         try:
-            response = await self._inner.handle_request(request)
+            response = await inner.handle_request(request)
         except BaseException as exc:
             server.in_flight -= 1
             if isinstance(exc, UpstreamError) and exc.retry_condition in FAILURE_CONDITIONS:

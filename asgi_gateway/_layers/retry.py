@@ -20,13 +20,12 @@ import anyio
 
 from .._config import UpstreamConfig
 from .._exceptions import ConcurrencyLimitExceeded, TotalTimeout, UpstreamError
-from .._types import NULL_EVENTS, GatewayEvents, Handler, Request, Response
+from .._types import IDEMPOTENT_METHODS, NULL_EVENTS, GatewayEvents, Handler, Request, Response, may_resend
 
 __all__ = ["IDEMPOTENT_METHODS", "RetryBudget", "RetryLayer", "may_resend"]
 
 logger = logging.getLogger("asgi_gateway.retry")
 
-IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 # A close that hangs must not hold the client past its deadline by more than this.
 _CLOSE_GRACE: Final = 1.0
@@ -266,14 +265,3 @@ class RetryLayer(Handler):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
-
-
-def may_resend(request: Request) -> bool:
-    """Whether the upstream may see `request` twice: an idempotent method or an Idempotency-Key.
-
-    Anything that sends a request again after it may have reached the server (a transport
-    replaying it on a fresh connection, say) must ask this first.
-    """
-    if request.method in IDEMPOTENT_METHODS:
-        return True
-    return any(name == b"idempotency-key" for name, _ in request.headers)

@@ -16,6 +16,7 @@ import re
 import time
 from typing import TYPE_CHECKING
 
+import anyio
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
@@ -191,7 +192,7 @@ class _AttemptEnd:
             if span is not None:
                 if error is not None:
                     span.set_attribute(ERROR_TYPE, self.error_type or "")
-                    if not isinstance(error, ClientDisconnected):
+                    if not _called_off(error):
                         span.set_status(Status(StatusCode.ERROR, str(error) or None))
                 span.end()
         except Exception as exc:
@@ -208,3 +209,8 @@ class _AttemptEnd:
             histogram.record(duration, attributes)
         except Exception as exc:
             telemetry.report("client duration metric", exc)
+
+
+def _called_off(error: BaseException) -> bool:
+    """Whether the attempt was abandoned by us (client gone, deadline) rather than failed."""
+    return isinstance(error, ClientDisconnected | anyio.get_cancelled_exc_class())

@@ -16,10 +16,12 @@ asyncio only: under trio the gateway uses the httpx adapter instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
+from time import monotonic
 from types import TracebackType
 from typing import Any, Final, cast
 
@@ -33,7 +35,7 @@ from .._exceptions import (
     InvalidResponse,
     ReadTimeout,
 )
-from .._types import Request, RequestBody, Response, Server, Transport
+from .._types import Request, RequestBody, Response, Server, Transport, may_resend
 
 __all__ = ["PoolTransport"]
 
@@ -578,13 +580,16 @@ class _HostPool:
         return None
 
     async def acquire(self, connect_timeout: float | None, *, fresh: bool = False) -> _Connection:
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("PoolTransport runs on asyncio only: use HttpxTransport elsewhere") from None
         deadline = None if connect_timeout is None else loop.time() + connect_timeout
         while True:
             if self.closed:
                 raise ConnectError(f"the connection pool for {self.label} is closed")
             if not fresh:
-                conn = self.take_idle(loop.time())
+                conn = self.take_idle(monotonic())
                 if conn is not None:
                     return conn
             if self.count < self.max_connections:
@@ -610,7 +615,7 @@ class _HostPool:
                 # Cancelled after being handed something: pass it on.
                 self._give_back(waiter.result())
             else:
-                self.waiters.remove(waiter)
+                self._forget(waiter)
             raise
         finally:
             if timer is not None:
@@ -618,7 +623,7 @@ class _HostPool:
         if result is False:
             if self.closed:
                 raise ConnectError(f"the connection pool for {self.label} is closed")
-            self.waiters.remove(waiter)
+            self._forget(waiter)
             raise ConnectTimeout(
                 f"no connection to {self.label} became free within {connect_timeout}s "
                 f"(max_connections_per_host={self.max_connections})"
@@ -627,6 +632,11 @@ class _HostPool:
             return None
         assert isinstance(result, _Connection)
         return result
+
+    def _forget(self, waiter: asyncio.Future[_Connection | bool]) -> None:
+        # A waker may have dropped it already, seeing it done.
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
 
     def _give_back(self, handed: _Connection | bool) -> None:
         if handed is True:
@@ -639,23 +649,26 @@ class _HostPool:
     ) -> _Connection:
         """Connect, in a slot already counted in `self.count`."""
         conn = _Connection(self, loop)
+        # Known from the start, so that however it ends, closing it frees the slot once.
+        self.connections.add(conn)
         try:
             async with asyncio.timeout_at(deadline):
                 await loop.create_connection(
                     lambda: conn, self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname
                 )
         except BaseException as exc:
-            self._free_slot()
+            conn.close()
             # TimeoutError first: it is an OSError too.
             if isinstance(exc, TimeoutError):
                 raise ConnectTimeout(f"connecting to {self.label} took over {connect_timeout}s") from None
             if isinstance(exc, OSError):
                 raise ConnectError(f"cannot connect to {self.label}: {exc}") from exc
             raise
-        self.connections.add(conn)
         if self.closed:
             conn.close()
             raise ConnectError(f"the connection pool for {self.label} is closed")
+        if conn.closed:
+            raise ConnectError(f"{self.label} closed the connection as soon as it was opened")
         return conn
 
     def _free_slot(self) -> None:
@@ -685,7 +698,7 @@ class _HostPool:
         if len(idle) >= self.max_idle:
             conn.close()
             return
-        now = conn.loop.time()
+        now = monotonic()
         conn.idle = True
         conn.idle_since = now
         idle.append(conn)
@@ -799,15 +812,21 @@ class PoolTransport(Transport):
         length, chunked = _framing(request.method, body)
         # A buffered body goes out with its head in one write; a streamed one follows it.
         message = _encode_head(request, length, chunked, body.chunks) if body.replayable else None
-        conn = pool.take_idle(asyncio.get_running_loop().time())
+        conn = pool.take_idle(monotonic())
         if conn is None:
             conn = await pool.acquire(request.connect_timeout)
         try:
             return await conn.send(request, message, length, chunked)
         except ConnectionReset:
-            # A keep-alive connection the server closed as we reused it: the request never got
-            # there, so it is sent once more on a new connection when the body can be sent again.
-            if not (conn.reused and not conn.received and (body.replayable or not body.started)):
+            # Most likely a keep-alive connection the server closed as we reused it, so the request
+            # goes once more on a new connection, as Go's net/http does: only when it can be sent
+            # again, and only if the server may see it twice (it may also have died handling it).
+            if not (
+                conn.reused
+                and not conn.received
+                and (body.replayable or not body.started)
+                and may_resend(request)
+            ):
                 raise
         conn = await pool.acquire(request.connect_timeout, fresh=True)
         return await conn.send(request, message, length, chunked)

@@ -11,8 +11,7 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
-from servers import Upstreams
-from servers import UpstreamProcess, wait_until
+from servers import UpstreamProcess, Upstreams, wait_until
 
 STATUS = "/-/gateway/status"
 NAMES = ("u1", "u2", "u3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from ._exceptions import ConfigError
 __all__ = ["main"]
 
 _CONFIG_ENV = "ASGI_GATEWAY_CONFIG"
+_LOGGING_ENV = "ASGI_GATEWAY_LOGGING"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
-    serve.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    serve.add_argument(
+        "--log-level", default="info", help="log level (default: info: one access line a request)"
+    )
+    serve.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="gateway log lines as text or JSON"
+    )
+    serve.add_argument("--no-access-log", action="store_true", help="do not log a line per proxied request")
     check = commands.add_parser("check", help="validate a config file and print its routes")
     check.add_argument("config", help="path to a .toml, .yaml, .yml or .json config")
     return parser
@@ -60,8 +68,29 @@ def app_factory() -> Any:
     from ._middleware import Gateway
     from ._otel_setup import configure_from_environment
 
+    _configure_logging(os.environ.get(_LOGGING_ENV, "info:text:on"))
     providers = configure_from_environment()
     return Gateway(os.environ[_CONFIG_ENV], **providers)
+
+
+def _configure_logging(spec: str) -> None:
+    """Send the gateway's own logs (access, health, errors) to stderr, as text or JSON."""
+    level_name, fmt, access = spec.split(":", 2)
+    level = logging.getLevelName(level_name.upper())
+    if not isinstance(level, int):
+        level = logging.INFO
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        from ._telemetry import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("asgi_gateway")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    logging.getLogger("asgi_gateway.access").setLevel(logging.INFO if access == "on" else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("asgi-gateway: 'serve' needs uvicorn: pip install 'asgi-gateway[server]'", file=sys.stderr)
         return 2
     os.environ[_CONFIG_ENV] = os.path.abspath(args.config)
+    os.environ[_LOGGING_ENV] = f"{args.log_level}:{args.log_format}:{'off' if args.no_access_log else 'on'}"
     uvicorn.run(
         "asgi_gateway._cli:app_factory",
         factory=True,
@@ -89,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
+        access_log=False,
         lifespan="on",
         # The gateway applies `trusted_proxies` itself; uvicorn must not rewrite the client first.
         proxy_headers=False,

@@ -296,7 +296,8 @@ async def _relay(handler: Handler, request: Request, send: ASGISend) -> tuple[in
         response = await handler.handle_request(request)
     except GatewayError as exc:
         if isinstance(exc, UpstreamError):
-            logger.info(
+            # The access log carries the outcome; this adds the detail for debugging.
+            logger.debug(
                 "upstream failed: %s",
                 exc.detail or exc.code,
                 extra={"request_id": exchange.request_id, "upstream": exchange.upstream.name},

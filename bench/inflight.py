@@ -37,22 +37,18 @@ async def hold(url: str, count: int, timeout: float) -> dict[str, int]:
     for i in range(count):
         request = f"GET {parts.path or '/'}/{i} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode()
         tasks.append(asyncio.ensure_future(_one(host, port, request, sent)))
-    ok = failed = 0
     try:
         async with asyncio.timeout(timeout):
             for _ in range(count):
                 await sent.get()
             print("sent", flush=True)
-            for result in await asyncio.gather(*tasks, return_exceptions=True):
-                if result is True:
-                    ok += 1
-                else:
-                    failed += 1
+            await asyncio.wait(tasks)
     except TimeoutError:
-        failed = count - ok
         for task in tasks:
             task.cancel()
-    return {"ok": ok, "failed": failed}
+        await asyncio.wait(tasks)
+    ok = sum(1 for task in tasks if not task.cancelled() and task.exception() is None and task.result())
+    return {"ok": ok, "failed": count - ok}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

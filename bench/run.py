@@ -579,6 +579,8 @@ def memory_test(harness: Harness, cases: Sequence[Case], count: int) -> list[Mem
             "BENCH_UPSTREAMS": f"http://{HOST}:{harness.upstream_ports[0]}",
             "BENCH_UPSTREAM": f"http://{HOST}:{slow_port}",
             "BENCH_SLOW": f"http://{HOST}:{slow_port}",
+            # The pool's default of 100 connections per server would queue the rest.
+            "BENCH_MAX_CONNECTIONS": str(count + 100),
         }
         process = Process(
             f"memory-{case.key}",
@@ -626,6 +628,7 @@ def hold_wave(
     )
     rss = held = 0
     out = ""
+    http_get(slow_port, "/hold")
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and client.poll() is None:
@@ -1097,7 +1100,7 @@ def render(
         + ("nginx, one worker" if tools.nginx else "bench/upstream.py (pure Python)"),
         "- asgi_gateway: round-robin over 3 nginx server blocks, outlier detection on, active health checks "
         "every hour, 3 attempts; tracing spans go to a BatchSpanProcessor whose exporter drops them. "
-        "Peers: one upstream server each; asgiproxy's semaphore raised from 20 to 1,024.",
+        "Peers: one upstream server each; asgiproxy's semaphore raised from 20 to 4,096.",
         f"- Command: `{command}` ({elapsed:.0f} s)",
     ]
     if notes:

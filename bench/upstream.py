@@ -6,7 +6,8 @@ Paths (GET/HEAD, keep-alive):
     /1k        1 KiB body            /1m        1 MiB body
     /healthz   "ok"                  /slow...   held until /release, then "ok"
     /count     how many /slow requests are held now
-    /release   answers every held /slow request
+    /release   answers every held /slow request, and later ones at once
+    /hold      holds /slow requests again
 
 It parses only what the bench sends (request heads, Content-Length bodies), on asyncio
 protocols (uvloop when installed) so it stays cheap next to the proxies it feeds.
@@ -38,6 +39,7 @@ _NOT_FOUND = _head(b"404 Not Found", 9) + b"not found"
 class _State:
     def __init__(self) -> None:
         self.held: list[_Connection] = []
+        self.holding = True
 
 
 class _Connection(asyncio.Protocol):
@@ -103,6 +105,8 @@ class _Connection(asyncio.Protocol):
                 asyncio.get_running_loop().create_task(self._send_mib())
                 # Later requests on this connection wait until the body is out.
                 self.holding = True
+        elif path.startswith(b"/slow") and not self.state.holding:
+            transport.write(_OK[:-2] if head_only else _OK)
         elif path.startswith(b"/slow"):
             self.holding = True
             self.pending_head = head_only
@@ -110,7 +114,11 @@ class _Connection(asyncio.Protocol):
         elif path == b"/count":
             body = b"%d" % len(self.state.held)
             transport.write(_head(b"200 OK", len(body)) + body)
+        elif path == b"/hold":
+            self.state.holding = True
+            transport.write(_OK)
         elif path == b"/release":
+            self.state.holding = False
             held, self.state.held = self.state.held, []
             for connection in held:
                 connection.release()

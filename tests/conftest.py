@@ -22,7 +22,7 @@ import pytest
 
 # Upstreams lives in servers.py: test modules import it from there (a `conftest` module name is
 # ambiguous once several test folders have one); it stays importable from here too.
-from servers import UpstreamProcess, Upstreams, make_host_app, serve_app, start_upstreams
+from servers import UpstreamProcess, Upstreams, make_host_app, serve_app, start_upstreams, transport_kwargs
 
 
 @pytest.fixture
@@ -75,23 +75,44 @@ def serve() -> Iterator[Callable[..., str]]:
         yield factory
 
 
+# The proxy behaviour suite runs over every built-in transport: the fast pool is held
+# to the same behaviour as the httpx adapter.
+TRANSPORT_SUITE = frozenset({"test_proxy", "test_headers", "test_streaming", "test_errors"})
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if "transport_kind" in metafunc.fixturenames and module in TRANSPORT_SUITE:
+        metafunc.parametrize("transport_kind", ["pool", "httpx"], indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def transport_kind(request: pytest.FixtureRequest) -> str:
+    """Which built-in transport the gateways of this test use: "pool" (the default) or "httpx"."""
+    return str(getattr(request, "param", "pool"))
+
+
+def _with_transport(kwargs: dict[str, Any], transport_kind: str) -> dict[str, Any]:
+    return {**transport_kwargs(transport_kind), **kwargs}
+
+
 @pytest.fixture
-def gateway_factory(serve: Callable[..., str]) -> Callable[..., str]:
+def gateway_factory(serve: Callable[..., str], transport_kind: str) -> Callable[..., str]:
     """`gateway_factory(config, **GatewayMiddleware_kwargs) -> base_url` of a host app behind it."""
 
     def factory(config: Any, **kwargs: Any) -> str:
-        return serve(make_host_app(config, **kwargs))
+        return serve(make_host_app(config, **_with_transport(kwargs, transport_kind)))
 
     return factory
 
 
 @pytest.fixture
-def standalone_gateway_factory(serve: Callable[..., str]) -> Callable[..., str]:
+def standalone_gateway_factory(serve: Callable[..., str], transport_kind: str) -> Callable[..., str]:
     """`standalone_gateway_factory(config, **Gateway_kwargs) -> base_url` of a bare `Gateway`."""
 
     def factory(config: Any, **kwargs: Any) -> str:
         from asgi_gateway import Gateway
 
-        return serve(Gateway(config, **kwargs))
+        return serve(Gateway(config, **_with_transport(kwargs, transport_kind)))
 
     return factory

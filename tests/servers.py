@@ -49,6 +49,7 @@ __all__ = [
     "free_port",
     "http_client",
     "make_host_app",
+    "transport_kwargs",
     "raw_request",
     "serve_app",
     "start_upstreams",
@@ -479,6 +480,15 @@ def serve_app(app: Any, port: int = 0, **uvicorn_kwargs: Any) -> Iterator[str]:
     """Serve `app` under uvicorn in a background thread; yield its base URL."""
     with GatewayServer(app, port, **uvicorn_kwargs) as server:
         yield server.url
+
+
+def transport_kwargs(kind: str) -> dict[str, Any]:
+    """Gateway keyword arguments selecting a built-in transport: "pool" (the default) or "httpx"."""
+    if kind == "httpx":
+        import httpx
+
+        return {"transport": httpx.AsyncHTTPTransport()}
+    return {}
 
 
 def make_host_app(config: Any, **gateway_kwargs: Any) -> Any:

@@ -10,7 +10,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from servers import RawConnection, RawResponse, Upstreams, http_client, make_host_app, serve_app
+from servers import (
+    RawConnection,
+    RawResponse,
+    Upstreams,
+    http_client,
+    make_host_app,
+    serve_app,
+    transport_kwargs,
+)
 
 
 def config(upstreams: Upstreams, **top: Any) -> dict[str, Any]:
@@ -27,8 +35,8 @@ def config(upstreams: Upstreams, **top: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def gateway(upstreams: Upstreams) -> Iterator[str]:
-    with serve_app(make_host_app(config(upstreams))) as url:
+def gateway(upstreams: Upstreams, transport_kind: str) -> Iterator[str]:
+    with serve_app(make_host_app(config(upstreams), **transport_kwargs(transport_kind))) as url:
         yield url
 
 

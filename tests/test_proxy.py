@@ -11,7 +11,15 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import RawConnection, Upstreams, http_client, make_host_app, raw_request, serve_app
+from servers import (
+    RawConnection,
+    Upstreams,
+    http_client,
+    make_host_app,
+    raw_request,
+    serve_app,
+    transport_kwargs,
+)
 
 
 def routing_config(upstreams: Upstreams) -> dict[str, Any]:
@@ -35,8 +43,8 @@ def routing_config(upstreams: Upstreams) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def routing_gateway(upstreams: Upstreams) -> Iterator[str]:
-    with serve_app(make_host_app(routing_config(upstreams))) as url:
+def routing_gateway(upstreams: Upstreams, transport_kind: str) -> Iterator[str]:
+    with serve_app(make_host_app(routing_config(upstreams), **transport_kwargs(transport_kind))) as url:
         yield url
 
 

@@ -15,7 +15,15 @@ from typing import Any
 import httpx
 import psutil  # type: ignore[import-untyped]
 import pytest
-from servers import RawConnection, Upstreams, http_client, make_host_app, serve_app, wait_until
+from servers import (
+    RawConnection,
+    Upstreams,
+    http_client,
+    make_host_app,
+    serve_app,
+    transport_kwargs,
+    wait_until,
+)
 from upstream_app import gzip_body, pattern_block, stream_sha256
 
 MiB = 1024 * 1024
@@ -31,8 +39,10 @@ def one_upstream_config(url: str, **upstream: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def gateway(upstreams: Upstreams) -> Iterator[str]:
-    with serve_app(make_host_app(one_upstream_config(upstreams.u1.url))) as url:
+def gateway(upstreams: Upstreams, transport_kind: str) -> Iterator[str]:
+    with serve_app(
+        make_host_app(one_upstream_config(upstreams.u1.url), **transport_kwargs(transport_kind))
+    ) as url:
         yield url
 
 

@@ -4,6 +4,7 @@
     BENCH_SLOW        base URL of the slow upstream, routed at /slow (optional)
     BENCH_TRACING     off | sampled (10% parent-based) | all (every request, BatchSpanProcessor)
     BENCH_TRANSPORT   pool (the built-in HTTP/1.1 client) | httpx (the httpx adapter)
+    BENCH_MAX_CONNECTIONS  the built-in pool's connections per server (default: its own, 100)
     BENCH_SPAN_COUNT_FILE  where SIGUSR1 writes how many spans were recorded (optional)
 
 Every layer is on: round-robin over the servers, outlier detection, active health checks
@@ -73,7 +74,12 @@ class _SpanCounter(SpanProcessor):
 
 def _transport(kind: str) -> Any:
     if kind == "pool":
-        return None
+        limit = os.environ.get("BENCH_MAX_CONNECTIONS")
+        if not limit:
+            return None
+        from asgi_gateway._transports.pool import PoolTransport
+
+        return PoolTransport(max_connections_per_host=int(limit))
     if kind == "httpx":
         import httpx
 

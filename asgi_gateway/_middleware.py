@@ -36,6 +36,10 @@ __all__ = ["Gateway", "GatewayMiddleware"]
 
 logger = logging.getLogger("asgi_gateway")
 
+# Request header blocks larger than this are not forwarded. uvicorn's httptools parser sets no
+# limit of its own; 64 KiB is also the largest response head the built-in client accepts.
+_MAX_HEADER_BYTES = 65536
+
 ASGIApp = Any
 Scope = dict[str, Any]
 ConfigSource = GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]
@@ -121,6 +125,9 @@ class Gateway:
         try:
             async with anyio.create_task_group() as tg:
                 if self._running == 1:
+                    from ._websocket import warn_if_unavailable
+
+                    warn_if_unavailable()
                     for stack in self.stacks.values():
                         if stack.checker is not None:
                             tg.start_soon(stack.checker.run, name=f"health check {stack.config.name}")
@@ -220,7 +227,9 @@ class Gateway:
         error: BaseException | None = None
         try:
             try:
-                length = _content_length(incoming.content_length)
+                if _header_bytes(scope["headers"]) > _MAX_HEADER_BYTES:
+                    raise BadRequest(f"the request headers are over {_MAX_HEADER_BYTES} bytes")
+                length = _content_length(incoming.content_length, incoming.transfer_encoding)
                 body = await read_body(
                     receive,
                     length=length,
@@ -230,7 +239,10 @@ class Gateway:
                 )
             except GatewayError as exc:
                 error = exc
-                status = await send_error(send, exc, request_id)
+                # With both framings (RFC 9112 6.3) the bytes after this request cannot be
+                # trusted to be a request of their own: close the connection after the answer.
+                ambiguous = incoming.content_length is not None and incoming.transfer_encoding is not None
+                status = await send_error(send, exc, request_id, close=ambiguous)
                 return
             request = Request(
                 method=method,
@@ -306,9 +318,17 @@ def _host_of(scope: Scope) -> str | None:
     return None
 
 
-def _content_length(value: bytes | None) -> int | None:
+def _header_bytes(headers: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(name) + len(value) for name, value in headers)
+
+
+def _content_length(value: bytes | None, transfer_encoding: bytes | None = None) -> int | None:
     if value is None:
         return None
+    if transfer_encoding is not None:
+        # Parsers disagree on which one wins (httptools refuses, h11 takes Transfer-Encoding):
+        # the way requests are smuggled past a proxy. Refused rather than guessed.
+        raise BadRequest("the request has both Content-Length and Transfer-Encoding")
     if not value.isdigit():
         raise BadRequest("invalid Content-Length")
     return int(value)

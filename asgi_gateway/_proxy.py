@@ -240,8 +240,11 @@ async def _stream_rest(receive: ASGIReceive, size: int, limit: int | None) -> As
             yield chunk
 
 
-async def send_error(send: ASGISend, exc: GatewayError, request_id: str) -> int:
+async def send_error(send: ASGISend, exc: GatewayError, request_id: str, *, close: bool = False) -> int:
     status, headers, body = error_response(exc, request_id)
+    if close:
+        # ASGI servers (uvicorn's both parsers) close the connection after this response.
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
     return status

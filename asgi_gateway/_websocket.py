@@ -23,6 +23,7 @@ The upstream side is the `websockets` library's asyncio client, the optional
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import socket
@@ -40,6 +41,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from ._exceptions import (
+    BadRequest,
     ConnectError,
     ConnectionReset,
     ConnectTimeout,
@@ -80,6 +82,9 @@ EXTRA: Final = "pip install 'asgi-gateway[websockets]'"
 
 #: Seconds a closing handshake with the upstream may take before its connection is cut.
 CLOSE_TIMEOUT: Final = 5.0
+#: Frames from the upstream buffered before the gateway stops reading its socket: with the
+#: message in hand and the socket buffers, this bounds what a session holds per direction.
+MAX_QUEUE: Final = 4
 #: Close codes that may go on the wire (RFC 6455 7.4; 1004-1006 and 1015 never do).
 _SENDABLE_CODES: Final = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 # The WebSocket library writes its own handshake headers; the client's would contradict them.
@@ -131,10 +136,14 @@ def unavailable_reason() -> str | None:
 
 
 def warn_if_unavailable() -> bool:
-    """At start-up: log a warning when WebSocket handshakes would be refused; True when they would."""
+    """At start-up: say when WebSocket handshakes would be refused; True when they would.
+
+    INFO, not WARNING: routes are not marked as WebSocket routes, and HTTP-only
+    deployments need not install the extra.
+    """
     reason = unavailable_reason()
     if reason is not None:
-        logger.warning("WebSocket handshakes on gateway routes will be refused: %s", reason)
+        logger.info("WebSocket handshakes on gateway routes will be refused: %s", reason)
     return reason is not None
 
 
@@ -318,21 +327,26 @@ class _Session:
                 self._opened()
                 await relay.run()
         except BaseException as exc:
-            # Cancelled from outside (server shutdown): both ends hear that the gateway is going away.
-            relay.gateway_ends(1001, "gateway going away", None)
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                # Cancelled from outside (server shutdown): both ends hear that the gateway is going away.
+                relay.gateway_ends(1001, "gateway going away", None)
+            else:
+                relay.gateway_ends(1011, "internal error", None)
             error = exc
             raise
         finally:
             with anyio.CancelScope(shield=True):
-                await relay.close()
-                self.to_upstream = relay.to_upstream
-                self.to_client = relay.to_client
-                self.closed_by = relay.closed_by
-                self.close_code = relay.close_code
-                if error is None:
-                    error = relay.error
-                    self.error = error
-                await response.aclose(error)
+                try:
+                    await relay.close()
+                finally:
+                    self.to_upstream = relay.to_upstream
+                    self.to_client = relay.to_client
+                    self.closed_by = relay.closed_by
+                    self.close_code = relay.close_code
+                    if error is None:
+                        error = self.error = relay.error
+                    # Releases the server for the failover layer, which judges the session's end.
+                    await response.aclose(error)
 
     # -- telemetry ---------------------------------------------------------------------
 
@@ -673,42 +687,57 @@ class _Connector(Handler):
 
     async def handle_request(self, request: Request) -> Response:
         from websockets.asyncio.client import connect
-        from websockets.exceptions import InvalidHandshake, InvalidMessage, InvalidStatus
+        from websockets.exceptions import InvalidHandshake, InvalidMessage, InvalidStatus, InvalidURI
         from websockets.typing import Subprotocol
-        from websockets.uri import WebSocketURI
+        from websockets.uri import parse_uri
 
         server = request.server
         assert server is not None, "the failover layer sets request.server"
         secure = server.scheme == "https"
+        # The socket goes to the server chosen; the URI only names the Host (the upstream's
+        # or, with preserve_host, the client's) and the target, sent as it came.
+        target = _ascii(request.target)
+        uri = (
+            f"{'wss' if secure else 'ws'}://{(request.host or server.host_header).decode('latin-1')}{target}"
+        )
+        try:
+            parsed = parse_uri(uri)
+        except (InvalidURI, ValueError) as exc:
+            raise BadRequest(f"cannot forward this WebSocket handshake: {exc}") from exc
+        path, _, query = target.partition("?")
+        tls: dict[str, Any] = {"ssl": _tls_context(), "server_hostname": server.host} if secure else {}
         sock = await _open_socket(server, request.connect_timeout)
         peer = _peer_address(sock)
-        tls: dict[str, Any] = {"ssl": _tls_context(), "server_hostname": server.host} if secure else {}
-        client = connect(
-            ("wss" if secure else "ws") + server.url[server.url.index(":") :],
-            sock=sock,
-            additional_headers=[
-                (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
-            ],
-            user_agent_header=None,
-            compression=None,
-            subprotocols=[Subprotocol(name) for name in self.subprotocols] or None,
-            proxy=None,
-            open_timeout=request.read_timeout,
-            close_timeout=CLOSE_TIMEOUT,
-            max_size=self.max_size,
-            **tls,
-        )
-        # The request line carries the raw target byte for byte, and Host is the upstream's
-        # or, with preserve_host, the client's.
-        path, _, query = _ascii(request.target).partition("?")
-        host, port = (
-            (server.host, server.port) if request.host is None else _split_host(request.host, server.port)
-        )
-        client.ws_uri = WebSocketURI(secure, host, port, path, query)
+        try:
+            client = connect(
+                uri,
+                sock=sock,
+                additional_headers=[
+                    (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
+                ],
+                user_agent_header=None,
+                compression=None,
+                subprotocols=[Subprotocol(name) for name in self.subprotocols] or None,
+                open_timeout=request.read_timeout,
+                close_timeout=CLOSE_TIMEOUT,
+                max_size=self.max_size,
+                max_queue=MAX_QUEUE,
+                **tls,
+            )
+        except BaseException:
+            # Not handed over yet: once `client` runs, its transport owns (and closes) the socket.
+            sock.close()
+            raise
+        # The URI parser drops the ";params" of the last path segment; websockets >= 17 reads
+        # this attribute, so the target goes out exactly (older versions ignore it).
+        client.ws_uri = dataclasses.replace(parsed, path=path, query=query)
         try:
             connection = await client
         except InvalidStatus as exc:
             return _refusal(exc, server, peer)
+        except ssl.SSLError as exc:
+            # Before ValueError: a certificate that fails verification is both.
+            raise ConnectError(f"TLS handshake with {server.url} failed: {exc}") from exc
         except ValueError as exc:
             # With the socket given, a redirect is not followed: it raises, carrying the 3xx.
             if isinstance(exc.__cause__, InvalidStatus):
@@ -724,8 +753,6 @@ class _Connector(Handler):
             raise InvalidResponse(f"invalid WebSocket handshake answer from {server.url}: {exc}") from exc
         except InvalidHandshake as exc:
             raise InvalidResponse(f"invalid WebSocket handshake answer from {server.url}: {exc}") from exc
-        except ssl.SSLError as exc:
-            raise ConnectError(f"TLS handshake with {server.url} failed: {exc}") from exc
         except OSError as exc:
             raise ConnectionReset(
                 f"connection to {server.url} broke during the WebSocket handshake: {exc}"
@@ -792,18 +819,6 @@ def _ascii(target: bytes) -> str:
     if target.isascii():
         return target.decode("ascii")
     return quote_from_bytes(target, safe=bytes(range(0x21, 0x7F)))
-
-
-def _split_host(value: bytes, default_port: int) -> tuple[str, int]:
-    text = value.decode("latin-1")
-    if text.startswith("["):
-        end = text.find("]")
-        host, rest = text[1:end], text[end + 1 :]
-    else:
-        host, colon, rest = text.partition(":")
-        rest = colon + rest
-    port = rest[1:]
-    return host, int(port) if port.isdigit() else default_port
 
 
 class _NoBody:

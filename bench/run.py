@@ -1,7 +1,8 @@
 """asgi_gateway's benchmark: the gateway beside its peers and the limit, in one command.
 
     python bench/run.py            # the full run, about 6 minutes
-    python bench/run.py --quick    # a shorter run, about 2 minutes
+    python bench/run.py --quick    # a shorter run, about 3 minutes
+    python bench/run.py --profile gateway-off   # where one proxy's CPU goes (py-spy)
     python bench/run.py --smoke    # a tiny end-to-end check (the test suite runs this)
 
 Needs `wrk` and `nginx` (Debian/Ubuntu: `apt-get install wrk nginx`) and the bench extra
@@ -70,7 +71,7 @@ class Mode:
 
 
 MODES = {
-    "full": Mode("full", 3, 5, 3, 1, 1000, None, ()),
+    "full": Mode("full", 5, 4, 2, 2, 1000, None, ()),
     "quick": Mode("quick", 2, 2, 2, 1, 1000, None, ("--quick",)),
     "smoke": Mode(
         "smoke",
@@ -137,12 +138,16 @@ def find_tools(fallback: bool, smoke: bool) -> Tools:
         notes.append(f"{missing} not found: pure-Python stand-ins used ({INSTALL_HINT.splitlines()[0]})")
         fallback = True
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if shutil.which("taskset") is None:
+        cores = []
+        notes.append("taskset not found (util-linux): nothing is pinned")
     if len(cores) >= 2:
         proxy_core: int | None = cores[1]
         load_cores: tuple[int, ...] | None = tuple(c for c in cores if c != proxy_core)
     else:
         proxy_core, load_cores = None, None
-        notes.append("fewer than 2 cores: nothing is pinned, and the proxy shares its core with the load")
+        if cores:
+            notes.append("fewer than 2 cores: nothing is pinned, and the proxy shares its core with the load")
     if fallback:
         wrk = nginx = None
     return Tools(wrk, nginx, fallback, proxy_core, load_cores, notes)
@@ -928,20 +933,30 @@ def harness_for(mode: Mode, tools: Tools) -> Iterator[Harness]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="asgi_gateway's benchmark against its peers and the limit.")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about 2 minutes)")
+    size.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about 3 minutes)")
     size.add_argument("--smoke", action="store_true", help="a tiny end-to-end check (a few seconds of load)")
     parser.add_argument(
         "--fallback",
         action="store_true",
         help="with --smoke: use the pure-Python stand-ins even where wrk and nginx exist",
     )
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 3, --quick 2, --smoke 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 5, --quick 2, --smoke 1)")
     parser.add_argument("--seconds", type=float, help="length of each 1 KiB run")
     parser.add_argument("--only", help="comma-separated cases: " + ", ".join(c.key for c in CASES))
     parser.add_argument("--out", type=Path, default=BENCH / "results", help="where raw results are written")
+    parser.add_argument(
+        "--profile",
+        metavar="CASE",
+        help="instead of the table: profile one case with py-spy under the 1 KiB load (--seconds long)",
+    )
     args = parser.parse_args(argv)
     if args.fallback and not args.smoke:
         parser.error("--fallback is for --smoke only: the stand-ins are far slower than wrk and nginx")
+    if args.profile:
+        case = next((c for c in CASES if c.key == args.profile), None)
+        if case is None or case.kind != "uvicorn":
+            parser.error(f"--profile takes one of: {', '.join(c.key for c in CASES if c.kind == 'uvicorn')}")
+        return profile(case, find_tools(False, False), args.seconds or 10.0, args.out)
 
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.rounds or args.seconds:
@@ -1030,6 +1045,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: the gateway failed in: {', '.join(broken)}", file=sys.stderr)
         return 1
     return 0
+
+
+def profile(case: Case, tools: Tools, seconds: float, out: Path) -> int:
+    """Sample one proxy with py-spy while wrk loads it; print where its CPU time goes."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not os.access(py_spy, os.X_OK):
+        print("bench: py-spy not found: pip install py-spy", file=sys.stderr)
+        return 2
+    mode = Mode("profile", 1, seconds, seconds, 2, 0, (case.key,), ())
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    raw = out / f"{stamp}-profile-{case.key}.txt"
+    with harness_for(mode, tools) as harness:
+        harness.start_upstream()
+        if not harness.start_proxies([case]):
+            return 1
+        harness.load(case, "/1k", 32, 2)
+        wrk = subprocess.Popen(
+            pinned(wrk_command(tools.wrk or "wrk", f"http://{HOST}:{harness.ports[case.key]}/1k", 32, seconds + 2),
+                   harness.load_cores()),
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            command = [py_spy, "record", "--pid", str(harness.proxies[case.key].pid), "--rate", "500",
+                       "--duration", str(round(seconds)), "--format", "raw", "--nonblocking", "-o", str(raw)]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+        finally:
+            wrk.wait(seconds + 30)
+    if done.returncode != 0 or not raw.exists():
+        print(f"bench: py-spy failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+        return 1
+    print(f"{case.label}: CPU by function (self time), from {raw}")
+    print("(a flame graph: `py-spy record --format flamegraph`, or load the file into speedscope)")
+    for share, name in self_time(raw)[:30]:
+        print(f"{share:6.1f}%  {name}")
+    return 0
+
+
+def self_time(raw: Path) -> list[tuple[float, str]]:
+    """Per-function share of the samples in which it was the innermost frame."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        total += int(count)
+        leaf = stack.rsplit(";", 1)[-1]
+        name, _, where = leaf.partition(" (")
+        path = "/".join(Path(where.rsplit(":", 1)[0]).parts[-2:])
+        key = f"{name} ({path})" if path else name
+        counts[key] = counts.get(key, 0) + int(count)
+    return sorted(((100 * n / total, key) for key, n in counts.items()), reverse=True) if total else []
 
 
 def render(

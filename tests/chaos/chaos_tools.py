@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -26,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h11
 import psutil  # type: ignore[import-untyped]
-from servers import HOST, TESTS_DIR, UpstreamProcess, free_port, wait_until
+from servers import HOST, TESTS_DIR, RawResponse, UpstreamProcess, free_port, wait_until
 
 CHAOS_DIR = Path(__file__).resolve().parent
 MiB = 1024 * 1024
@@ -49,12 +51,14 @@ class Snapshot:
     tcp: dict[str, int]
     #: Sockets to anything but the gateway's own listening port (upstream connections).
     outbound: int
+    #: Client connections to the gateway's port, open on its side.
+    inbound: int
 
     def describe(self) -> str:
         return (
             f"rss={self.rss / MiB:.1f}MiB fds={self.fds} tasks={self.tasks} pool={self.pool} "
             f"in_flight={self.in_flight} servers_in_flight={self.servers_in_flight} tcp={self.tcp} "
-            f"outbound={self.outbound}"
+            f"outbound={self.outbound} inbound={self.inbound}"
         )
 
 
@@ -219,10 +223,14 @@ class GatewayProcess:
         state = self.state()
         ps = self.ps
         tcp: collections.Counter[str] = collections.Counter()
-        outbound = 0
+        outbound = inbound = 0
         for conn in ps.net_connections(kind="tcp"):
             tcp[conn.status] += 1
-            if conn.laddr and conn.laddr.port != self.port and conn.status != psutil.CONN_LISTEN:
+            if conn.status == psutil.CONN_LISTEN or not conn.laddr:
+                continue
+            if conn.laddr.port == self.port:
+                inbound += 1
+            else:
                 outbound += 1
         return Snapshot(
             rss=int(ps.memory_info().rss),
@@ -233,6 +241,18 @@ class GatewayProcess:
             servers_in_flight=sum(int(s["in_flight"]) for s in state["servers"].values()),
             tcp=dict(tcp),
             outbound=outbound,
+            inbound=inbound,
+        )
+
+    def baseline(self, timeout: float = 10.0) -> Snapshot:
+        """A snapshot once no client connection is left open (warm-up clients closed)."""
+        return wait_until(
+            lambda: (
+                (snap := self.snapshot()).inbound == 0 and not snap.tcp.get(psutil.CONN_CLOSE_WAIT) and snap
+            ),
+            timeout,
+            interval=0.05,
+            message="the gateway's client connections to close",
         )
 
     def settled(
@@ -267,6 +287,8 @@ class GatewayProcess:
                 problems.append(f"pool slots {snap.pool['slots']} != connections {snap.pool['connections']}")
             if any(snap.in_flight.values()) or snap.servers_in_flight:
                 problems.append(f"in flight {snap.in_flight} servers={snap.servers_in_flight}")
+            if snap.inbound:
+                problems.append(f"{snap.inbound} client connection(s) still open")
             if snap.tcp.get(psutil.CONN_CLOSE_WAIT, 0):
                 problems.append(f"{snap.tcp[psutil.CONN_CLOSE_WAIT]} socket(s) in CLOSE_WAIT")
             kept = max(0, snap.pool["connections"] - baseline.pool["connections"])
@@ -443,8 +465,8 @@ class LoadResult:
     #: Responses whose echoed X-Request-Id was not the request's own.
     crossed: int = 0
     latencies: list[float] = field(default_factory=list)
-    #: (monotonic time, status or -1) of every request, for recovery times.
-    timeline: list[tuple[float, int]] = field(default_factory=list)
+    #: (monotonic time, status or -1, answering server or "") of every request, for recovery times.
+    timeline: list[tuple[float, int, str]] = field(default_factory=list)
     elapsed: float = 0.0
 
     def max_latency(self) -> float:
@@ -469,14 +491,18 @@ def run_load(
     check_echo: bool = False,
     timeout: float = 10.0,
     id_prefix: str = "load",
+    pause: float = 0.0,
+    result: LoadResult | None = None,
 ) -> LoadResult:
     """Send up to `total` GETs of `path` from `concurrency` keep-alive connections.
 
     Ends when `total` were sent, `time_limit` passed or `stop` is set, whichever comes first.
-    With `check_echo` every 200 must be an echo of the request's own X-Request-Id.
+    With `check_echo` every 200 must be an echo of the request's own X-Request-Id. Each
+    connection waits `pause` seconds between requests. `result` is filled as requests end,
+    so another thread can watch it.
     """
     host, port = url.removeprefix("http://").split(":")
-    result = LoadResult()
+    result = result if result is not None else LoadResult()
     lock = threading.Lock()
     counter = iter(range(total))
     started = time.monotonic()
@@ -519,7 +545,7 @@ def run_load(
             end = time.monotonic()
             with lock:
                 result.latencies.append(end - begin)
-                result.timeline.append((end, status))
+                result.timeline.append((end, status, server))
                 if error:
                     result.errors[error] += 1
                 else:
@@ -528,6 +554,11 @@ def run_load(
                     if server:
                         result.by_server[server] += 1
                     result.crossed += crossed
+            if pause:
+                if stop is not None:
+                    stop.wait(pause)
+                else:
+                    time.sleep(pause)
         if conn is not None:
             conn.close()
 
@@ -539,26 +570,59 @@ def run_load(
 
 
 @contextlib.contextmanager
-def background_load(url: str, path: str, **kwargs: Any) -> Iterator[tuple[threading.Event, list[LoadResult]]]:
-    """`run_load` in a thread while the block runs; stopped (and joined) when it ends."""
+def background_load(url: str, path: str, **kwargs: Any) -> Iterator[LoadResult]:
+    """`run_load` in a thread while the block runs, yielding its live result; stopped and
+    joined when the block ends (its `elapsed` is set then)."""
     stop = threading.Event()
-    out: list[LoadResult] = []
+    result = LoadResult()
+    kwargs.setdefault("total", 1_000_000)
+    kwargs.setdefault("time_limit", 60.0)
     thread = threading.Thread(
-        target=lambda: out.append(run_load(url, path, stop=stop, **kwargs)), name="chaos-load", daemon=True
+        target=run_load, args=(url, path), kwargs={**kwargs, "stop": stop, "result": result}, daemon=True
     )
     thread.start()
     try:
-        yield stop, out
+        yield result
     finally:
         stop.set()
-        thread.join(kwargs.get("time_limit", 60.0) + 15)
+        thread.join(kwargs["time_limit"] + 15)
         assert not thread.is_alive(), "the load loop did not stop"
 
 
-def first_success_after(result: LoadResult, moment: float) -> float | None:
-    """Seconds from `moment` to the first 200 answered after it, if any."""
-    times = [t for t, status in result.timeline if status == 200 and t >= moment]
+def wait_for_answers(
+    result: LoadResult, count: int, after: float | None = None, timeout: float = 15.0
+) -> None:
+    """Wait until the live `result` has `count` more answers (after `after`, if given)."""
+    start = len(result.timeline) if after is None else 0
+
+    def enough() -> bool:
+        timeline = result.timeline[start:]
+        return sum(1 for t, status, _ in timeline if status > 0 and (after is None or t >= after)) >= count
+
+    wait_until(enough, timeout, message=f"{count} more answers from the load loop")
+
+
+def first_success_after(result: LoadResult, moment: float, server: str | None = None) -> float | None:
+    """Seconds from `moment` to the first 200 answered after it (by `server`, if given), if any."""
+    times = [t for t, status, by in result.timeline if status == 200 and t >= moment and server in (None, by)]
     return min(times) - moment if times else None
+
+
+def window(result: LoadResult, start: float, end: float) -> LoadResult:
+    """The part of `result` answered between `start` and `end` (statuses, errors, servers)."""
+    part = LoadResult()
+    for t, status, by in result.timeline:
+        if start <= t <= end:
+            part.timeline.append((t, status, by))
+            part.sent += 1
+            if status < 0:
+                part.errors["error"] += 1
+            else:
+                part.answered += 1
+                part.statuses[status] += 1
+                if by:
+                    part.by_server[by] += 1
+    return part
 
 
 # -- the record of faults and recovery times ------------------------------------------------
@@ -585,6 +649,124 @@ def record(fault: str, client_sees: str, recovery: float | None, note: str = "")
             file.write(json.dumps(outcome.__dict__) + "\n")
 
 
+# -- a streaming raw client ----------------------------------------------------------------
+
+
+class RawStream:
+    """One request on a raw socket whose response is read piece by piece.
+
+    `rcvbuf` shrinks the socket's receive buffer (set before connecting), so that a client
+    that stops reading pushes back on the gateway quickly.
+    """
+
+    def __init__(self, url: str, request: bytes, *, timeout: float = 10.0, rcvbuf: int | None = None) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, int(port)))
+        self.sock.sendall(request)
+        self._parser = h11.Connection(h11.CLIENT)
+        method = request.split(b" ", 1)[0]
+        self._parser.send(h11.Request(method=method, target=b"/", headers=[(b"host", b"x")]))
+        self._parser.send(h11.EndOfMessage())
+        self.head: h11.Response | None = None
+        self.received = 0
+        self.digest = hashlib.sha256()
+        self.complete = False
+        self.error: str | None = None
+        self.recv_size = 65536
+
+    @property
+    def ended(self) -> bool:
+        return self.complete or self.error is not None
+
+    def header(self, name: bytes) -> bytes | None:
+        assert self.head is not None
+        for key, value in self.head.headers:
+            if key == name:
+                return bytes(value)
+        return None
+
+    def _event(self) -> Any:
+        while True:
+            try:
+                event = self._parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.error = f"protocol error: {exc}"
+                return None
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = self.sock.recv(self.recv_size)
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                self.error = f"reset: {exc}"
+                return None
+            except TimeoutError:
+                self.error = "timed out"
+                return None
+            self._parser.receive_data(data)
+
+    def read_head(self) -> h11.Response:
+        while self.head is None:
+            event = self._event()
+            if event is None or isinstance(event, h11.ConnectionClosed):
+                raise AssertionError(f"no response head: {self.error or 'connection closed'}")
+            if isinstance(event, h11.Response):
+                self.head = event
+        return self.head
+
+    def read_body(self, limit: int | None = None) -> int:
+        """Read body bytes until `limit` more arrived, or the body ended (cleanly or not)."""
+        if self.head is None:
+            self.read_head()
+        got = 0
+        while not self.ended and (limit is None or got < limit):
+            event = self._event()
+            if event is None:
+                break
+            if isinstance(event, h11.Data):
+                got += len(event.data)
+                self.received += len(event.data)
+                self.digest.update(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self.complete = True
+            elif isinstance(event, h11.ConnectionClosed):
+                self.error = "connection closed"
+        return got
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> RawStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def peak_rss(process: GatewayProcess, interval: float = 0.02) -> Iterator[list[int]]:
+    """Sample the gateway's RSS while the block runs: yields [baseline, peak] (peak kept updated)."""
+    result = [process.rss()] * 2
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval):
+            with contextlib.suppress(psutil.Error):
+                result[1] = max(result[1], process.rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join(5)
+
+
 # -- small raw-socket helpers ---------------------------------------------------------------
 
 
@@ -603,10 +785,72 @@ def read_all(sock: socket.socket, timeout: float = 5.0, limit: int = 1 << 24) ->
     return bytes(data)
 
 
-def count_responses(data: bytes) -> list[int]:
-    """The status codes of the HTTP/1.1 responses in `data` (heads found by their status line)."""
-    statuses = []
-    for line in data.split(b"\r\n"):
-        if line.startswith(b"HTTP/1.1 ") and line[9:12].isdigit():
-            statuses.append(int(line[9:12]))
-    return statuses
+def read_responses(
+    sock: socket.socket, *, limit: int = 2, silence: float = 0.5
+) -> tuple[list[RawResponse], bool]:
+    """Read up to `limit` responses off `sock`: (responses, whether the server closed).
+
+    Stops at the limit, when the server closes, or after `silence` seconds without a byte
+    (the server keeps the connection open and has nothing more to say).
+    """
+    parser = h11.Connection(h11.CLIENT)
+    responses: list[RawResponse] = []
+    sock.settimeout(silence)
+    while len(responses) < limit:
+        if parser.our_state is h11.DONE and parser.their_state is h11.DONE:
+            parser.start_next_cycle()
+        elif parser.their_state is not h11.IDLE:
+            # The last response said the connection closes: only EOF can follow.
+            return responses, _closes(sock)
+        parser.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        parser.send(h11.EndOfMessage())
+        head: h11.Response | None = None
+        body = bytearray()
+        while True:
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise AssertionError(f"unparseable bytes from the gateway: {exc}") from None
+            if event is h11.NEED_DATA:
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    return responses, False
+                except ConnectionResetError:
+                    data = b""
+                parser.receive_data(data)
+                continue
+            if isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        if head is None:
+            return responses, True
+        responses.append(
+            RawResponse(
+                status=head.status_code,
+                headers=[(bytes(k), bytes(v)) for k, v in head.headers.raw_items()],
+                body=bytes(body),
+                complete=isinstance(event, h11.EndOfMessage),
+            )
+        )
+        if isinstance(event, h11.ConnectionClosed):
+            return responses, True
+    return responses, False
+
+
+def _closes(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def head_lines(data: bytes) -> list[bytes]:
+    """The status line and header lines of the first response in `data`, split on CRLF only."""
+    head = data.split(b"\r\n\r\n", 1)[0]
+    return head.split(b"\r\n")

@@ -1160,7 +1160,7 @@ def render(
             f"core(s) {','.join(map(str, tools.load_cores or ()))}, so the direct figure is bounded "
             "by that core, and every proxy's by its own"
             if tools.proxy_core is not None
-            else "none (fewer than 2 cores)"
+            else "none (see the notes)"
         ),
         "- Load: "
         + ("wrk -t1 (one thread), --latency" if tools.wrk else "the pure-Python stand-in (bench/loadgen.py)")

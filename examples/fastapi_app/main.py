@@ -1,6 +1,6 @@
 """Run the example: three demo upstreams and the FastAPI gateway, in one process.
 
-    python examples/fastapi_app/main.py [--port 8000] [--config gateway.toml]
+python examples/fastapi_app/main.py [--port 8000] [--config gateway.toml]
 """
 
 from __future__ import annotations
@@ -14,17 +14,20 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from app import DEMO_PORTS, build_app  # noqa: E402
-from demo_upstreams import make_upstream  # noqa: E402
+from app import DEMO_PORTS, build_app, demo_config
+from demo_upstreams import make_upstream
 
 
-async def serve(port: int, config: str | None) -> None:
+async def serve(port: int, config: str | None, demo_ports: tuple[int, ...]) -> None:
     servers = [
-        uvicorn.Server(uvicorn.Config(make_upstream(f"demo-{i + 1}"), host="127.0.0.1", port=p, log_level="warning"))
-        for i, p in enumerate(DEMO_PORTS)
+        uvicorn.Server(
+            uvicorn.Config(make_upstream(f"demo-{i + 1}"), host="127.0.0.1", port=p, log_level="warning")
+        )
+        for i, p in enumerate(demo_ports)
     ]
+    app = build_app(config if config is not None else demo_config(demo_ports))
     gateway = uvicorn.Server(
-        uvicorn.Config(build_app(config), host="127.0.0.1", port=port, log_level="info", lifespan="on")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="info", lifespan="on")
     )
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     while not all(server.started for server in servers):
@@ -32,9 +35,9 @@ async def serve(port: int, config: str | None) -> None:
             raise SystemExit("a demo upstream could not start (is its port taken?)")
         await asyncio.sleep(0.05)
     base = f"http://127.0.0.1:{port}"
-    print(f"demo upstreams on ports {', '.join(map(str, DEMO_PORTS))}; gateway on {base}. Try:")
+    print(f"demo upstreams on ports {', '.join(map(str, demo_ports))}; gateway on {base}. Try:", flush=True)
     for path in ("/api/users/42", "/api/orders/7?expand=items", "/-/gateway/status", "/hello", "/"):
-        print(f"  curl -s {base}{path}")
+        print(f"  curl -s {base}{path}", flush=True)
     try:
         await gateway.serve()
     finally:
@@ -44,11 +47,21 @@ async def serve(port: int, config: str | None) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--config", default=None, help="a gateway config file instead of the built-in dict")
+    parser.add_argument(
+        "--demo-ports",
+        default=",".join(map(str, DEMO_PORTS)),
+        help="three ports for the demo upstreams (default: %(default)s)",
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.config))
+    demo_ports = tuple(int(p) for p in args.demo_ports.split(","))
+    if len(demo_ports) != 3:
+        parser.error("--demo-ports takes three ports")
+    asyncio.run(serve(args.port, args.config, demo_ports))
 
 
 if __name__ == "__main__":

@@ -625,6 +625,57 @@ def window(result: LoadResult, start: float, end: float) -> LoadResult:
     return part
 
 
+# -- gateway configs for the chaos tests ----------------------------------------------------
+
+HEALTH = {
+    "path": "/healthz",
+    "interval": 0.25,
+    "timeout": 0.25,
+    "healthy_threshold": 1,
+    "unhealthy_threshold": 1,
+}
+OUTLIER = {"consecutive_failures": 3, "base_ejection_time": 1.0, "max_ejection_time": 4.0}
+
+
+def upstream(
+    *urls: str,
+    attempts: int = 3,
+    read: float = 1.0,
+    health: bool = True,
+    outlier: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "servers": [{"url": url} for url in urls],
+        "retry": {"attempts": attempts, "backoff_base": 0.01, "backoff_max": 0.05},
+        "timeouts": {"connect": 0.5, "read": read, "total": 10.0},
+        "health_check": HEALTH if health else None,
+        "outlier_detection": OUTLIER if outlier else None,
+        **extra,
+    }
+
+
+def config(**upstreams: dict[str, Any]) -> dict[str, Any]:
+    """Route `/NAME` (prefix kept) to upstream NAME, for each one given."""
+    return {
+        "routes": [{"path": f"/{name}", "upstream": name} for name in upstreams],
+        "upstreams": upstreams,
+        "max_body_size": None,
+    }
+
+
+def warm(gateway: GatewayProcess, *paths: str, n: int = 20) -> None:
+    for path in paths:
+        result = run_load(gateway.url, path, total=n, concurrency=2, time_limit=10)
+        assert result.statuses == {200: n}, result.summary()
+
+
+def assert_nothing_lost(result: LoadResult) -> None:
+    assert result.answered == result.sent and not result.errors, result.summary()
+    assert set(result.statuses) == {200}, result.summary()
+    assert result.crossed == 0, result.summary()
+
+
 # -- the record of faults and recovery times ------------------------------------------------
 
 

@@ -4,12 +4,17 @@
   (see `chaos_tools.GatewayProcess`), closed after the test.
 
 Set `CHAOS_REPORT=path` to also get the table as JSON lines.
+
+Tests marked `slow` here (the soak of 100,000 requests, the very slow reader) run only when asked
+for: `pytest -m slow tests/chaos`. Without any `-m`, they are deselected (not skipped), so a plain
+`pytest` (what `.ci/run` does) leaves them out.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +29,16 @@ def gateway_process() -> Iterator[Callable[..., GatewayProcess]]:
             return stack.enter_context(GatewayProcess(config, **kwargs))
 
         yield factory
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("markexpr"):
+        return  # the run chose its markers itself
+    here = Path(__file__).parent
+    slow = [item for item in items if item.get_closest_marker("slow") and here in item.path.parents]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in slow]
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -266,10 +267,75 @@ async def relay(
     """
     if not body_done:
         # The request body is still streaming up: receive() is not ours to watch.
-        return await _relay(handler, request, send)
-
+        return await _relay(handler, request, send, None)
     # With the request body read, the only message left to receive is the disconnect;
     # waiting for it lets a client that leaves cancel the upstream request at any point.
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return await _relay_watching_anyio(handler, request, receive, send)
+    return await _relay_watching_asyncio(loop, handler, request, receive, send)
+
+
+class _Watch:
+    """A lazily started wait for the client's disconnect, on asyncio."""
+
+    __slots__ = ("closing", "disconnected", "receive", "task", "waiter")
+
+    def __init__(self, receive: ASGIReceive, task: asyncio.Task[Any]) -> None:
+        self.receive = receive
+        self.task = task
+        self.waiter: asyncio.Future[Any] | None = None
+        self.disconnected = False
+        #: Set while the response is being closed: that must not be interrupted.
+        self.closing = False
+
+    def start(self) -> None:
+        self.waiter = asyncio.ensure_future(self.receive())
+        self.waiter.add_done_callback(self._received)
+
+    def _received(self, waiter: asyncio.Future[Any]) -> None:
+        if waiter.cancelled() or waiter.exception() is not None:
+            return
+        if waiter.result()["type"] != "http.disconnect":
+            # The request's own (empty) body message; the disconnect comes next.
+            self.start()
+        elif not self.closing:
+            self.disconnected = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.remove_done_callback(self._received)
+            waiter.cancel()
+
+
+# Most exchanges end sooner than this: they never pay for a task watching the client.
+_WATCH_DELAY: Final = 0.005
+
+
+async def _relay_watching_asyncio(
+    loop: asyncio.AbstractEventLoop, handler: Handler, request: Request, receive: ASGIReceive, send: ASGISend
+) -> tuple[int, BaseException | None]:
+    task = asyncio.current_task()
+    assert task is not None
+    watch = _Watch(receive, task)
+    timer = loop.call_later(_WATCH_DELAY, watch.start)
+    try:
+        return await _relay(handler, request, send, watch)
+    except asyncio.CancelledError:
+        if watch.disconnected and task.uncancel() == 0:
+            return 499, ClientDisconnected()
+        raise
+    finally:
+        timer.cancel()
+        watch.stop()
+
+
+async def _relay_watching_anyio(
+    handler: Handler, request: Request, receive: ASGIReceive, send: ASGISend
+) -> tuple[int, BaseException | None]:
     disconnected = False
     outcome: tuple[int, BaseException | None] = (499, None)
 
@@ -284,7 +350,7 @@ async def relay(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch, tg.cancel_scope)
-        outcome = await _relay(handler, request, send)
+        outcome = await _relay(handler, request, send, None)
         tg.cancel_scope.cancel()
     if disconnected and outcome[0] == 499:
         return 499, ClientDisconnected()
@@ -293,7 +359,9 @@ async def relay(
     return outcome
 
 
-async def _relay(handler: Handler, request: Request, send: ASGISend) -> tuple[int, BaseException | None]:
+async def _relay(
+    handler: Handler, request: Request, send: ASGISend, watch: _Watch | None
+) -> tuple[int, BaseException | None]:
     exchange = request.exchange
     try:
         response = await handler.handle_request(request)
@@ -316,8 +384,14 @@ async def _relay(handler: Handler, request: Request, send: ASGISend) -> tuple[in
         error = exc
         raise
     finally:
-        with anyio.CancelScope(shield=True):
+        if watch is not None:
+            watch.closing = True
+        if error is None or isinstance(error, Exception):
             await response.aclose(error)
+        else:
+            # Cancelled: the connection must still be released, whatever cancels us next.
+            with anyio.CancelScope(shield=True):
+                await response.aclose(error)
     return response.status, error
 
 

@@ -123,5 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lifespan="on",
         # The gateway applies `trusted_proxies` itself; uvicorn must not rewrite the client first.
         proxy_headers=False,
+        # The upstream's Server header is relayed; uvicorn's own would make a second one.
+        server_header=False,
     )
     return 0

@@ -10,6 +10,7 @@ The gateway's exceptions, one tree:
     + UpstreamUnavailable ........ 503 upstream_unavailable
     | + NoServerAvailable
     | + ConcurrencyLimitExceeded
+    | + PoolTimeout ............ no free connection in the gateway's own pool
     + BadGateway ................. 502 bad_gateway
     | + ConnectError ............. retry condition "connect-failure"
     | + ConnectionReset .......... retry condition "reset"
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidResponse",
     "NoServerAvailable",
     "PayloadTooLarge",
+    "PoolTimeout",
     "ReadTimeout",
     "TotalTimeout",
     "UpstreamError",
@@ -112,6 +114,13 @@ class NoServerAvailable(UpstreamUnavailable):
 
 class ConcurrencyLimitExceeded(UpstreamUnavailable):
     pass
+
+
+class PoolTimeout(UpstreamUnavailable):
+    """The gateway's own connection pool had no free connection in time.
+
+    The gateway's capacity, not the server's health: never counted against the server.
+    """
 
 
 class BadGateway(UpstreamError):

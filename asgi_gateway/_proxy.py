@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import random
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
 
@@ -37,9 +38,15 @@ HOP_BY_HOP: Final = frozenset(
 # Expect is answered by the server in front of us, which then reads the body for us.
 _REPLACED_UP: Final = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id", b"expect"}
 _FORWARDED_UP: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
-_REPLACED_DOWN: Final = HOP_BY_HOP | {b"x-request-id"}
+# The server in front of the gateway always adds its own Date; two would be invalid.
+_REPLACED_DOWN: Final = HOP_BY_HOP | {b"x-request-id", b"date"}
 _REQUEST_ID_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+=/")
 _NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+
+
+_ids = random.Random()
+# Forked workers must not share a sequence of request ids.
+os.register_at_fork(after_in_child=_ids.seed)
 
 
 class ClientDisconnected(Exception):
@@ -91,7 +98,8 @@ class TrustedProxies:
 
 
 def make_request_id() -> str:
-    return os.urandom(16).hex()
+    # An identifier, not a secret: no system call per request.
+    return f"{_ids.getrandbits(128):032x}"
 
 
 def sane_request_id(value: bytes) -> bool:

@@ -119,6 +119,14 @@ def test_hop_by_hop_response_headers_are_removed(gateway: str) -> None:
     assert response.header_list("x-kept") == [b"yes"]
 
 
+def test_one_date_header_reaches_the_client(gateway: str) -> None:
+    # The upstream (uvicorn) sends a Date, and so does the server in front of the gateway.
+    response = send(gateway, b"/headers?h=date:Mon,%2001%20Jan%202001%2000:00:00%20GMT")
+    assert response.status == 200
+    dates = response.header_list("date")
+    assert len(dates) == 1 and b"2001" not in dates[0], response.headers
+
+
 def test_connection_header_cannot_strip_the_gateways_own_headers(gateway: str) -> None:
     seen = upstream_headers(
         send(

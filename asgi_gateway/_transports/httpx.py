@@ -12,6 +12,7 @@ from .._exceptions import (
     ConnectionReset,
     ConnectTimeout,
     InvalidResponse,
+    PoolTimeout,
     ReadTimeout,
     UpstreamError,
 )
@@ -30,7 +31,9 @@ class _NoCookies(httpx.Cookies):
 def map_httpx_error(exc: httpx.TransportError) -> UpstreamError:
     """Translate an httpx transport error into the gateway's tree."""
     detail = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+    if isinstance(exc, httpx.PoolTimeout):
+        return PoolTimeout(detail)
+    if isinstance(exc, httpx.ConnectTimeout):
         return ConnectTimeout(detail)
     if isinstance(exc, httpx.TimeoutException):
         return ReadTimeout(detail)

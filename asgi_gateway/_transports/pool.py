@@ -33,6 +33,7 @@ from .._exceptions import (
     ConnectionReset,
     ConnectTimeout,
     InvalidResponse,
+    PoolTimeout,
     ReadTimeout,
 )
 from .._types import Request, RequestBody, Response, Server, Transport, may_resend
@@ -624,7 +625,7 @@ class _HostPool:
             if self.closed:
                 raise ConnectError(f"the connection pool for {self.label} is closed")
             self._forget(waiter)
-            raise ConnectTimeout(
+            raise PoolTimeout(
                 f"no connection to {self.label} became free within {connect_timeout}s "
                 f"(max_connections_per_host={self.max_connections})"
             )
@@ -731,7 +732,8 @@ class PoolTransport(Transport):
     """The built-in HTTP/1.1 client: keep-alive connection pools per upstream server (asyncio only).
 
     `max_connections_per_host` bounds the open connections to one server; a request that finds
-    them all busy waits for one, up to its connect timeout (then `ConnectTimeout`).
+    them all busy waits for one, up to its connect timeout (then `PoolTimeout`, a 503 that
+    does not count against the server).
     `max_idle_per_host` idle connections are kept, each for at most `idle_timeout` seconds.
     `ssl_context` is used for https servers (default: the system's trusted CAs).
     """
@@ -739,7 +741,7 @@ class PoolTransport(Transport):
     def __init__(
         self,
         *,
-        max_connections_per_host: int = 100,
+        max_connections_per_host: int = 1024,
         max_idle_per_host: int = 32,
         idle_timeout: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,

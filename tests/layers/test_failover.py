@@ -17,6 +17,7 @@ from asgi_gateway._exceptions import (
     ConnectionReset,
     ConnectTimeout,
     InvalidResponse,
+    PoolTimeout,
     NoServerAvailable,
     ReadTimeout,
     TotalTimeout,
@@ -288,6 +289,8 @@ async def test_success_resets_the_count() -> None:
         (InvalidResponse("garbage"), True),
         (ReadTimeout("slow"), True),
         (TotalTimeout("deadline"), False),
+        # The gateway's own pool being full says nothing about the server.
+        (PoolTimeout("pool full"), False),
         (RuntimeError("bug"), False),
     ],
 )

@@ -29,6 +29,7 @@ from asgi_gateway._exceptions import (
     ConnectionReset,
     ConnectTimeout,
     InvalidResponse,
+    PoolTimeout,
     ReadTimeout,
 )
 from asgi_gateway._transports.pool import PoolTransport
@@ -892,7 +893,7 @@ async def test_max_connections_per_host_waits_then_times_out() -> None:
     release = asyncio.Event()
     async with RawServer(body_on_release(release)) as server, PoolTransport(max_connections_per_host=1) as t:
         first = await t.handle_request(make_request(server.url_server))
-        with pytest.raises(ConnectTimeout):
+        with pytest.raises(PoolTimeout):
             await t.handle_request(make_request(server.url_server, connect_timeout=0.05))
 
         async def second() -> bytes:

@@ -98,7 +98,7 @@ class Router:
         path = resolve_dot_segments(raw_path)
         if not path.startswith(b"/"):
             raise BadRequest("the request path must start with '/'")
-        ambiguous = b"%" in path or b"\\" in path
+        ambiguous = b"%" in path or b"\\" in path or b";" in path
         raw_segments = path.split(b"/")[1:]
         if ambiguous:
             segments = [unquote_to_bytes(part) for part in raw_segments]
@@ -125,7 +125,15 @@ def _variants(path: bytes) -> list[bytes]:
     """Other ways servers have been known to read `path`."""
     once = unquote_to_bytes(path)
     twice = unquote_to_bytes(once)
-    return [once, twice, path.replace(b"\\", b"/"), once.replace(b"\\", b"/"), twice.replace(b"\\", b"/")]
+    readings = [once, twice, path.replace(b"\\", b"/"), once.replace(b"\\", b"/"), twice.replace(b"\\", b"/")]
+    if b";" in path:
+        # Servlet containers drop ";params" from each segment: "/a/..;/b" is "/b" to them.
+        readings += [_without_params(reading) for reading in (path, *readings)]
+    return readings
+
+
+def _without_params(path: bytes) -> bytes:
+    return b"/".join(segment.split(b";", 1)[0] for segment in path.split(b"/"))
 
 
 def _compile(index: int, spec: RouteConfig, config: GatewayConfig) -> Route:

@@ -89,6 +89,8 @@ def test_dot_segments_cannot_escape_a_route() -> None:
         b"/api/users/%252e%252e/%252e%252e/admin",
         b"/api/users/..\\..\\admin",
         b"/api%2fusers",
+        b"/api/users/..;/..;/admin",
+        b"/api/users/%2e%2e;x=1/%2e%2e;/admin",
     ],
 )
 def test_encoded_tricks_that_change_the_route_are_refused(path: bytes) -> None:
@@ -103,6 +105,8 @@ def test_harmless_encodings_pass() -> None:
     assert match is not None and match[1] == b"/api/users/a%2Fb/%C3%A9"
     match = r.match("GET", None, b"/%61pi/users/1")
     assert match is not None and match[0].upstream == "users"
+    match = r.match("GET", None, b"/api/users/7;jsessionid=abc")
+    assert match is not None and match[1] == b"/api/users/7;jsessionid=abc"
 
 
 def test_match_cost_does_not_grow_with_route_count() -> None:

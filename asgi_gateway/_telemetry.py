@@ -305,27 +305,30 @@ class Telemetry:
     def _start_span(
         self, tracer: Tracer, scope: dict[str, Any], route: Route, exchange: Exchange, pending: _Pending
     ) -> None:
-        current = trace.get_current_span()
-        current_context = current.get_span_context()
-        method, name_method = method_attributes(pending.method)
+        # Usually nothing is current (no host instrumentation, no baggage): the empty
+        # context says so without looking up a span.
+        current = context.get_current()
         parent: context.Context | None = None
         kind = SpanKind.SERVER
-        if not current_context.is_valid:
+        method, name_method = _METHODS.get(pending.method, _OTHER_METHOD)
+        host = trace.get_current_span(current) if current else trace.INVALID_SPAN
+        host_context = host.get_span_context()
+        if not host_context.is_valid:
             try:
                 parent = self.propagation().extract(scope["headers"])
             except Exception as exc:
                 # A broken propagator costs the trace its parent, not the request its span.
                 self.report("trace context extraction", exc)
-        elif not current_context.is_remote:
+        elif not host_context.is_remote:
             # The host app traces this request already: never a second SERVER span.
-            if not current.is_recording():
+            if not host.is_recording():
                 pending.host = True
                 return
-            if getattr(current, "kind", None) is SpanKind.SERVER:
-                current.set_attributes({HTTP_ROUTE: route.path, GATEWAY_UPSTREAM: route.upstream})
-                current.update_name(self._span_name(name_method, route.path))
+            if getattr(host, "kind", None) is SpanKind.SERVER:
+                host.set_attributes({HTTP_ROUTE: route.path, GATEWAY_UPSTREAM: route.upstream})
+                host.update_name(self._span_name(name_method, route.path))
                 pending.host = True
-                pending.span = exchange.span = current
+                pending.span = exchange.span = host
                 return
             # Under some other span of the host's (a middleware's INTERNAL span): nest, as
             # OpenTelemetry's own instrumentations do.
@@ -339,17 +342,20 @@ class Telemetry:
         }
         if method == "_OTHER":
             attributes[HTTP_REQUEST_METHOD_ORIGINAL] = pending.method
-        if exchange.client_ip:
-            attributes[CLIENT_ADDRESS] = exchange.client_ip
+        client_ip = exchange.client_ip
+        if client_ip:
+            attributes[CLIENT_ADDRESS] = client_ip
             client = scope.get("client")
-            if client and client[0] != exchange.client_ip:
+            if client and client[0] != client_ip:
                 attributes[NETWORK_PEER_ADDRESS] = client[0]
-        span = tracer.start_span(
-            self._span_name(name_method, route.path), context=parent, kind=kind, attributes=attributes
-        )
+        name = self._names.get((name_method, route.path)) or self._span_name(name_method, route.path)
+        span = tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
         # Current for the rest of the request: the client layer's CLIENT spans (or, when
-        # unsampled, the traceparent sent upstream) and the user's log correlation use it.
-        pending.context_token = context.attach(trace.set_span_in_context(span, parent))
+        # unsampled, the traceparent sent upstream), an instrumented transport and the
+        # user's log correlation use it. (`parent` or `current`: what start_span read.)
+        pending.context_token = context.attach(
+            trace.set_span_in_context(span, parent if parent is not None else current)
+        )
         pending.traced = span
         if span.is_recording():
             pending.span = exchange.span = span
@@ -365,16 +371,21 @@ class Telemetry:
     def finish(self, token: _Pending, exchange: Exchange, status: int, error: BaseException | None) -> None:
         """Called once the exchange is over."""
         duration = time.perf_counter() - token.start
-        failure = _error_type(status, error)
+        if error is None:
+            failure = str(status) if status >= 500 else None
+            answered = True
+        else:
+            failure = _error_type(status, error)
+            answered = not _unanswered(status, error)
         # Recorded while the request's span is current, so a sampled request leaves an exemplar.
         histogram = self.server_duration
         if histogram is not None and not (token.host and self._host_records_server_duration):
             attributes: dict[str, AttributeValue] = {
-                HTTP_REQUEST_METHOD: method_attributes(token.method)[0],
+                HTTP_REQUEST_METHOD: _METHODS.get(token.method, _OTHER_METHOD)[0],
                 URL_SCHEME: token.scheme,
                 HTTP_ROUTE: exchange.route,
             }
-            if not _unanswered(status, error):
+            if answered:
                 attributes[HTTP_RESPONSE_STATUS_CODE] = status
             if failure is not None:
                 attributes[ERROR_TYPE] = failure
@@ -382,30 +393,41 @@ class Telemetry:
                 histogram.record(duration, attributes)
             except Exception as exc:
                 self.report("server duration metric", exc)
-        if token.span is not None or token.context_token is not None:
-            self._finish_span(token, status, error, failure)
+        span = token.span
+        if span is not None:
+            self._finish_span(token, span, status, error, failure, answered)
+        elif token.context_token is not None:
+            context.detach(token.context_token)
         if access_logger.isEnabledFor(logging.INFO):
             self._access_log(token, exchange, status, error, duration)
 
     def _finish_span(
-        self, token: _Pending, status: int, error: BaseException | None, failure: str | None
+        self,
+        token: _Pending,
+        span: Span,
+        status: int,
+        error: BaseException | None,
+        failure: str | None,
+        answered: bool,
     ) -> None:
-        span = token.span
         try:
             # A host app's instrumentation may have ended its span with the last body chunk;
             # it records the status itself.
-            if span is not None and (token.own or span.is_recording()):
-                attributes: dict[str, AttributeValue] = {}
-                if not _unanswered(status, error):
-                    attributes[HTTP_RESPONSE_STATUS_CODE] = status
-                if failure is not None:
-                    attributes[ERROR_TYPE] = failure
-                span.set_attributes(attributes)
-                if status >= 500 or (failure is not None and not isinstance(error, ClientDisconnected)):
-                    description = None
-                    if error is not None:
-                        description = f"{error_type(error)}: {error}" if str(error) else error_type(error)
-                    span.set_status(Status(StatusCode.ERROR, description))
+            if token.own or span.is_recording():
+                if failure is None:
+                    if answered:
+                        span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+                else:
+                    span.set_attributes(
+                        {HTTP_RESPONSE_STATUS_CODE: status, ERROR_TYPE: failure}
+                        if answered
+                        else {ERROR_TYPE: failure}
+                    )
+                    if status >= 500 or not isinstance(error, ClientDisconnected):
+                        description = None
+                        if error is not None:
+                            description = f"{error_type(error)}: {error}" if str(error) else error_type(error)
+                        span.set_status(Status(StatusCode.ERROR, description))
                 if token.own:
                     span.end()
         except Exception as exc:
@@ -464,9 +486,12 @@ class Telemetry:
             self._propagation = _Propagation(propagator)
         return self._propagation
 
-    def inject(self, request: Request, span: Span) -> None:
-        """Replace the propagation headers of `request` with those naming `span` as the parent."""
-        self.propagation().inject(request, span)
+    def inject(self, request: Request, span: Span, baggage: bool = True) -> None:
+        """Replace the propagation headers of `request` with those naming `span` as the parent.
+
+        `baggage=False` tells that the current context holds no baggage (the caller looked).
+        """
+        self.propagation().inject(request, span, baggage)
 
 
 class _Propagation:
@@ -502,7 +527,7 @@ class _Propagation:
                 return None
         return self.propagator.extract(headers, getter=HEADER_GETTER)
 
-    def inject(self, request: Request, span: Span) -> None:
+    def inject(self, request: Request, span: Span, baggage: bool = True) -> None:
         fields = self.fields
         headers = request.headers
         for name, _ in headers:
@@ -524,7 +549,7 @@ class _Propagation:
             )
             if span_context.trace_state:
                 headers.append((b"tracestate", span_context.trace_state.to_header().encode("latin-1")))
-        if self.baggage is not None:
+        if baggage and self.baggage is not None:
             # Baggage lives in the current context, where the request's span is too.
             self.baggage.inject(headers, setter=HEADER_SETTER)
 

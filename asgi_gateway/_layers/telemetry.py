@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 import anyio
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
@@ -38,6 +38,7 @@ from .._telemetry import (
 from .._types import Handler, Request, Response, Server
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import Histogram
     from opentelemetry.trace import Span, Tracer
 
     from .._telemetry import Telemetry
@@ -60,155 +61,174 @@ class TelemetryLayer(Handler):
     def __init__(self, inner: Handler, telemetry: Telemetry) -> None:
         self.inner = inner
         self._telemetry = telemetry
-        #: server.address / server.port per server, made once.
-        self._server_attributes: dict[Server, dict[str, AttributeValue]] = {}
+        #: Per server: method -> {http.request.method, server.address, server.port}, made once.
+        self._attributes: dict[Server, dict[str, dict[str, AttributeValue]]] = {}
 
     async def handle_request(self, request: Request) -> Response:
         telemetry = self._telemetry
-        parent = request.exchange.span
-        if parent is not None and telemetry.tracer is not None:
-            return await self._traced(request, parent, telemetry.tracer)
-        if telemetry.tracer is not None:
-            # Unsampled: no CLIENT span, but the upstream must learn the sampling decision.
-            try:
-                telemetry.inject(request, trace.get_current_span())
-            except Exception as exc:
-                telemetry.report("trace context injection", exc)
-        if telemetry.client_duration is None:
-            return await self.inner.handle_request(request)
-        return await self._measured(request, None)
-
-    def _attributes(self, server: Server) -> dict[str, AttributeValue]:
-        attributes = self._server_attributes.get(server)
-        if attributes is None:
-            attributes = self._server_attributes[server] = {
-                SERVER_ADDRESS: server.host,
-                SERVER_PORT: server.port,
-            }
-        return attributes
-
-    async def _traced(self, request: Request, parent: Span, tracer: Tracer) -> Response:
-        telemetry = self._telemetry
-        server = request.server
-        assert server is not None, "the failover layer sets request.server"
-        method, name = method_attributes(request.method)
-        attributes: dict[str, AttributeValue] = {
-            HTTP_REQUEST_METHOD: method,
-            URL_FULL: _url_full(server, request.target),
-            **self._attributes(server),
-        }
-        if method == "_OTHER":
-            attributes[HTTP_REQUEST_METHOD_ORIGINAL] = request.method
-        attempts = request.exchange.attempts
-        if attempts > 1:
-            attributes[HTTP_REQUEST_RESEND_COUNT] = attempts - 1
+        tracer = telemetry.tracer
         span: Span | None = None
-        try:
-            # The server span is current in the request's task; only a caller on another
-            # context needs it spelt out.
-            parent_context = None if trace.get_current_span() is parent else trace.set_span_in_context(parent)
-            span = tracer.start_span(
-                name, context=parent_context, kind=SpanKind.CLIENT, attributes=attributes
-            )
-            telemetry.inject(request, span)
-        except Exception as exc:
-            telemetry.report("client span start", exc)
-        if span is not None and not span.is_recording():
-            span = None
-        return await self._measured(request, span)
-
-    async def _measured(self, request: Request, span: Span | None) -> Response:
+        if tracer is not None:
+            parent = request.exchange.span
+            if parent is not None:
+                span = self._start_span(tracer, request, parent)
+            else:
+                _inject_unsampled(telemetry, request)
+        histogram = telemetry.client_duration
+        if span is None and histogram is None:
+            return await self.inner.handle_request(request)
         server = request.server
         assert server is not None, "the failover layer sets request.server"
-        end = _AttemptEnd(
-            self._telemetry, span, method_attributes(request.method)[0], self._attributes(server)
-        )
+        end = _AttemptEnd(telemetry, span, self._base_attributes(server, request.method), histogram)
         try:
             response = await self.inner.handle_request(request)
         except BaseException as exc:
-            end.failed(exc)
+            end(None, exc)
             raise
         end.answered(response)
         response.on_close(end)
         return response
 
+    def _base_attributes(self, server: Server, method: str) -> dict[str, AttributeValue]:
+        """`http.request.method`, `server.address` and `server.port`: shared, never mutated."""
+        by_method = self._attributes.get(server)
+        if by_method is None:
+            by_method = self._attributes[server] = {}
+        attributes = by_method.get(method)
+        if attributes is None:
+            value = method_attributes(method)[0]
+            attributes = {HTTP_REQUEST_METHOD: value, SERVER_ADDRESS: server.host, SERVER_PORT: server.port}
+            if value != "_OTHER":
+                # Other methods are made again each time, so a client cannot grow this table.
+                by_method[method] = attributes
+        return attributes
+
+    def _start_span(self, tracer: Tracer, request: Request, parent: Span) -> Span | None:
+        telemetry = self._telemetry
+        server = request.server
+        assert server is not None, "the failover layer sets request.server"
+        method = request.method
+        try:
+            base = self._base_attributes(server, method)
+            attributes: dict[str, AttributeValue] = {**base, URL_FULL: _url_full(server, request.target)}
+            if base[HTTP_REQUEST_METHOD] == "_OTHER":
+                attributes[HTTP_REQUEST_METHOD_ORIGINAL] = method
+                name = "HTTP"
+            else:
+                name = method
+            attempts = request.exchange.attempts
+            if attempts > 1:
+                attributes[HTTP_REQUEST_RESEND_COUNT] = attempts - 1
+            current = context.get_current()
+            if trace.get_current_span(current) is parent:
+                # The server span is current in the request's task: the SDK finds it there.
+                span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+                # Beside the server span, only baggage would make the context longer.
+                telemetry.inject(request, span, len(current) > 1)
+            else:
+                # A caller on another context (or the host's span): the parent spelt out.
+                parent_context = trace.set_span_in_context(parent)
+                span = tracer.start_span(name, parent_context, SpanKind.CLIENT, attributes)
+                telemetry.inject(request, span)
+        except Exception as exc:
+            telemetry.report("client span start", exc)
+            return None
+        return span if span.is_recording() else None
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 
 
-class _AttemptEnd:
-    """Ends an attempt's span and records its duration, once the response is closed."""
+def _inject_unsampled(telemetry: Telemetry, request: Request) -> None:
+    """No CLIENT span (unsampled), but the upstream must learn the sampling decision."""
+    try:
+        current = context.get_current()
+        span = trace.get_current_span(current)
+        # Beside the request's span, only baggage would make the context longer.
+        telemetry.inject(request, span, len(current) > (0 if span is trace.INVALID_SPAN else 1))
+    except Exception as exc:
+        telemetry.report("trace context injection", exc)
 
-    __slots__ = ("error_type", "method", "server_attributes", "span", "start", "status", "telemetry")
+
+class _AttemptEnd:
+    """Ends an attempt's span and records its duration, once the response is closed.
+
+    Called as `end(response, error)` by the response's close (or with `None` and the
+    error when the attempt raised before a response head).
+    """
+
+    __slots__ = ("base_attributes", "error_type", "histogram", "span", "start", "status", "telemetry")
 
     def __init__(
         self,
         telemetry: Telemetry,
         span: Span | None,
-        method: str,
-        server_attributes: dict[str, AttributeValue],
+        base_attributes: dict[str, AttributeValue],
+        histogram: Histogram | None,
     ) -> None:
         self.telemetry = telemetry
         self.span = span
-        self.method = method
-        self.server_attributes = server_attributes
+        self.base_attributes = base_attributes
+        self.histogram = histogram
         self.status: int | None = None
         self.error_type: str | None = None
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if histogram is not None else 0.0
 
     def answered(self, response: Response) -> None:
         """The response head arrived."""
         status = self.status = response.status
+        span = self.span
         if status >= 400:
             self.error_type = str(status)
-        span = self.span
         if span is None:
             return
         try:
-            attributes: dict[str, AttributeValue] = {HTTP_RESPONSE_STATUS_CODE: status}
-            if response.peer_address is not None:
-                attributes[NETWORK_PEER_ADDRESS] = response.peer_address
-            if status >= 400:
-                attributes[ERROR_TYPE] = str(status)
-                span.set_status(Status(StatusCode.ERROR))
+            peer = response.peer_address
+            if status < 400:
+                if peer is None:
+                    span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+                else:
+                    span.set_attributes({HTTP_RESPONSE_STATUS_CODE: status, NETWORK_PEER_ADDRESS: peer})
+                return
+            attributes: dict[str, AttributeValue] = {
+                HTTP_RESPONSE_STATUS_CODE: status,
+                ERROR_TYPE: str(status),
+            }
+            if peer is not None:
+                attributes[NETWORK_PEER_ADDRESS] = peer
+            span.set_status(Status(StatusCode.ERROR))
             span.set_attributes(attributes)
         except Exception as exc:
             self.telemetry.report("client span", exc)
 
-    def failed(self, error: BaseException) -> None:
-        """The attempt raised before a response head."""
-        self._end(error)
-
-    def __call__(self, response: Response, error: BaseException | None) -> None:
-        self._end(error)
-
-    def _end(self, error: BaseException | None) -> None:
-        duration = time.perf_counter() - self.start
-        telemetry = self.telemetry
-        try:
-            if error is not None:
-                self.error_type = error_type(error)
-            span = self.span
-            if span is not None:
+    def __call__(self, response: Response | None, error: BaseException | None) -> None:
+        histogram = self.histogram
+        duration = time.perf_counter() - self.start if histogram is not None else 0.0
+        if error is not None:
+            self.error_type = error_type(error)
+        span = self.span
+        if span is not None:
+            try:
                 if error is not None:
                     span.set_attribute(ERROR_TYPE, self.error_type or "")
                     if not _called_off(error):
                         span.set_status(Status(StatusCode.ERROR, str(error) or None))
                 span.end()
-        except Exception as exc:
-            telemetry.report("client span end", exc)
-        histogram = telemetry.client_duration
+            except Exception as exc:
+                self.telemetry.report("client span end", exc)
         if histogram is None:
             return
-        attributes: dict[str, AttributeValue] = {HTTP_REQUEST_METHOD: self.method, **self.server_attributes}
-        if self.status is not None:
-            attributes[HTTP_RESPONSE_STATUS_CODE] = self.status
-        if self.error_type is not None:
-            attributes[ERROR_TYPE] = self.error_type
+        attributes = self.base_attributes
+        if self.status is not None or self.error_type is not None:
+            attributes = attributes.copy()
+            if self.status is not None:
+                attributes[HTTP_RESPONSE_STATUS_CODE] = self.status
+            if self.error_type is not None:
+                attributes[ERROR_TYPE] = self.error_type
         try:
             histogram.record(duration, attributes)
         except Exception as exc:
-            telemetry.report("client duration metric", exc)
+            self.telemetry.report("client duration metric", exc)
 
 
 def _called_off(error: BaseException) -> bool:

@@ -492,7 +492,7 @@ def test_state_route_sees_the_gateway(gateway_process: Any, upstreams: Upstreams
         during = gateway.snapshot()
         assert during.tasks > before.tasks
         assert during.pool["busy"] == 1 and during.in_flight == {"one": 1}
-        assert during.inbound == 1 and during.fds > before.fds
+        assert during.inbound >= 1 and during.fds > before.fds
         with pytest.raises(AssertionError, match="did not settle"):
             gateway.settled(before, timeout=0.3)
     assert gateway.settled(before).pool["busy"] == 0

@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 import random
+import sys
 import time
+import tracemalloc
 from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asgi_gateway._config import ServerConfig, UpstreamConfig
+from asgi_gateway._layers import balancer as balancer_module
 from asgi_gateway._layers.balancer import (
     LEAST_CONNECTIONS_EXACT_LIMIT,
     Balancer,
@@ -22,6 +28,7 @@ from asgi_gateway._layers.balancer import (
     RandomBalancer,
     RoundRobinBalancer,
     WeightedRandomBalancer,
+    alias_tables,
     hash_key,
     key_function,
     make_balancer,
@@ -310,6 +317,58 @@ def test_random_kinds_honour_exclude(kind: str) -> None:
     assert all(balancer.pick(REQUEST, exclude=servers) in servers for _ in range(50))
 
 
+def alias_share(probability: Sequence[float], alias: Sequence[int]) -> list[float]:
+    """The probability of each index that the alias tables give (column c is drawn with 1/n)."""
+    n = len(probability)
+    share = [0.0] * n
+    for column, (p, other) in enumerate(zip(probability, alias, strict=True)):
+        share[column] += p / n
+        share[other] += (1 - p) / n
+    return share
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=10**9), min_size=1, max_size=40))
+def test_alias_tables_give_each_index_its_weight(weights: list[int]) -> None:
+    probability, alias = alias_tables(weights)
+    assert len(probability) == len(alias) == len(weights)
+    assert all(0 < p <= 1 for p in probability)
+    assert all(0 <= a < len(weights) for a in alias)
+    total = sum(weights)
+    for share, weight in zip(alias_share(probability, alias), weights, strict=True):
+        assert share == pytest.approx(weight / total, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_weighted_random_alias_tables_are_proportional(seed: int) -> None:
+    # Weights adding up to more than a table can hold (after dividing by their gcd): alias tables.
+    weights = [10_001, 20_000, 30_000, 40_000]
+    servers = make_servers(weights)
+    balancer = balancer_for(servers, "weighted_random", seed=seed)
+    n = 40_000
+    got = counts([balancer.pick(REQUEST) for _ in range(n)], servers)
+    total = sum(weights)
+    assert chi_square(got, [n * w / total for w in weights]) < chi_square_critical(3)
+    assert chi_square(got, [n / 4] * 4) > 10 * chi_square_critical(3)
+    # exclude still holds with alias tables.
+    picks = [balancer.pick(REQUEST, exclude=servers[1:]) for _ in range(200)]
+    assert all(s is servers[0] for s in picks)
+    picks = [balancer.pick(REQUEST, exclude=servers[3:]) for _ in range(6000)]
+    got = counts(picks, servers)
+    assert got[3] == 0
+    assert chi_square(got[:3], [6000 * w / 60_001 for w in weights[:3]]) < chi_square_critical(2)
+
+
+def test_weighted_random_with_100_servers_alias_tables() -> None:
+    weights = [997 + 1000 * (i % 10) for i in range(100)]  # sum 549,700: alias tables
+    servers = make_servers(weights)
+    balancer = balancer_for(servers, "weighted_random", seed=7)
+    n = 200_000
+    got = counts([balancer.pick(REQUEST) for _ in range(n)], servers)
+    total = sum(weights)
+    assert chi_square(got, [n * w / total for w in weights]) < chi_square_critical(99)
+
+
 # -- least connections ---------------------------------------------------------------------
 
 
@@ -405,6 +464,23 @@ def test_least_connections_power_of_two_choices_above_the_limit() -> None:
     only = weighted[-1]
     assert all(balancer.pick(REQUEST, exclude=weighted[:-1]) is only for _ in range(100))
     assert balancer.pick(REQUEST, exclude=weighted) in weighted
+
+
+def test_least_connections_power_of_two_choices_with_alias_tables() -> None:
+    # Weights too large for a draw table: the two candidates come from alias tables, still by weight.
+    weighted = make_servers([4001] + [1000] * 99)
+    balancer = balancer_for(weighted, "least_connections", seed=5)
+    n = 20_000
+    got = counts([balancer.pick(REQUEST) for _ in range(n)], weighted)
+    assert 2.5 < got[0] / (sum(got[1:]) / 99) < 5.5
+    weighted[0].in_flight = 50
+    got = counts([balancer.pick(REQUEST) for _ in range(n)], weighted)
+    # Chosen only when every draw lands on it (the second draw is redrawn once when it repeats the
+    # first): about (4/103)^3 of picks, about 1 in 20,000.
+    assert got[0] <= 10
+    weighted[0].in_flight = 0
+    assert all(balancer.pick(REQUEST, exclude=weighted[:50]) not in weighted[:50] for _ in range(1000))
+    assert all(balancer.pick(REQUEST, exclude=weighted[:-1]) is weighted[-1] for _ in range(100))
 
 
 # -- consistent hashing --------------------------------------------------------------------
@@ -532,6 +608,55 @@ def test_consistent_hash_exclude_walks_the_ring() -> None:
     balancer.set_servers([])
     assert balancer.pick_key(keys[0]) is None
     assert balancer.pick(make_request()) is None
+
+
+def bisect_reference(
+    balancer: ConsistentHashBalancer, available: Sequence[Server]
+) -> Callable[[bytes], Server]:
+    """What a key's server is by definition: the first live point at or after the key's hash, by
+    bisection over the full ring (its points and owning slots, which the bucket index leaves alone)."""
+    server_of_slot = {balancer._slot_of[server]: server for server in available}
+    live = [(point, slot) for point, slot in zip(balancer._points, balancer._owners, strict=True)]
+    live = [(point, slot) for point, slot in live if slot in server_of_slot]
+    points = [point for point, _ in live]
+
+    def owner(key: bytes) -> Server:
+        index = bisect.bisect_left(points, hash_key(key))
+        return server_of_slot[live[index % len(live)][1]]
+
+    return owner
+
+
+def test_consistent_hash_bucket_index_finds_what_bisection_finds() -> None:
+    # The lookup (bucket index, then a short walk) must give exactly the bisection's answer, for any
+    # available subset: the whole ring, a few servers, one server, including keys past the last point
+    # (which wrap around to the first).
+    servers = make_servers([1 + i % 3 for i in range(60)])
+    balancer = hash_balancer(servers)
+    rng = random.Random(3)
+    keys = [f"key-{i}".encode() for i in range(4000)]
+    wrapped = 0
+    for available in (servers, rng.sample(servers, 30), rng.sample(servers, 4), servers[7:8], servers[-1:]):
+        balancer.set_servers(available)
+        owner = bisect_reference(balancer, available)
+        last = max(
+            point
+            for point, slot in zip(balancer._points, balancer._owners, strict=True)
+            if balancer._slot_server[slot] is not None
+        )
+        for key in keys:
+            assert balancer.pick_key(key) is owner(key), key
+            wrapped += hash_key(key) > last
+    assert wrapped > 0
+    # A live ring of a single point (a weight-1 server next to a heavy one gets one virtual node).
+    pair = make_servers([1, 1_000_000])
+    balancer = hash_balancer(pair)
+    balancer.set_servers(pair[:1])
+    assert all(balancer.pick_key(key) is pair[0] for key in keys[:200])
+    balancer.set_servers(pair)
+    owner = bisect_reference(balancer, pair)
+    picks = [balancer.pick_key(key) for key in keys]
+    assert picks == [owner(key) for key in keys]
 
 
 def test_consistent_hash_without_key_goes_round_robin() -> None:
@@ -663,3 +788,70 @@ def test_pick_cost_does_not_grow_linearly_with_servers(kind: str) -> None:
         balancer = balancer_for(servers, kind, "header:x-user-id")
         costs.append(per_pick_seconds(balancer, requests))
     assert costs[1] < 4 * costs[0] + 2e-6, costs
+
+
+def pick_work(
+    balancer: Balancer, requests: Sequence[Request], exclude: Sequence[Server] = ()
+) -> tuple[list[int], int]:
+    """Per pick, the lines of balancer.py that ran; and the most bytes any one pick had allocated.
+
+    Counting lines rather than timing makes the cost model testable without flakiness: a loop over
+    the servers in Python shows up as lines, a copy of them (at C speed) as allocated bytes."""
+    filename = balancer_module.__file__
+    lines = 0
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+        return local
+
+    def calls(frame: FrameType, event: str, arg: Any) -> Any:
+        return local if frame.f_code.co_filename == filename else None
+
+    for request in requests[:20]:  # warm up: consistent_hash builds its live ring on first use
+        balancer.pick(request, exclude)
+    per_pick = []
+    previous = sys.gettrace()
+    for request in requests:
+        lines = 0
+        sys.settrace(calls)
+        try:
+            balancer.pick(request, exclude)
+        finally:
+            sys.settrace(previous)
+        per_pick.append(lines)
+    peak = 0
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        for request in requests:
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            balancer.pick(request, exclude)
+            peak = max(peak, tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    return per_pick, peak
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("weights", [(1, 2, 3), (1, 2, 3, 10_000)], ids=["small-weights", "large-weights"])
+def test_pick_work_does_not_grow_with_servers(kind: str, weights: tuple[int, ...]) -> None:
+    # Both sizes above LEAST_CONNECTIONS_EXACT_LIMIT. Large weights switch weighted draws to alias
+    # tables and round robin to its heap (O(log n): a few lines more at 2,000 servers, not thousands).
+    requests = [make_request([(b"x-user-id", str(i).encode())]) for i in range(300)]
+    work = {}
+    for n in (40, 2000):
+        servers = make_servers([weights[i % len(weights)] for i in range(n)])
+        balancer = balancer_for(servers, kind, "header:x-user-id", seed=n)
+        work[n] = [pick_work(balancer, requests), pick_work(balancer, requests, exclude=servers[:1])]
+    for (small_lines, small_bytes), (large_lines, large_bytes) in zip(work[40], work[2000], strict=True):
+        small_mean = sum(small_lines) / len(small_lines)
+        large_mean = sum(large_lines) / len(large_lines)
+        # O(n) per pick would be thousands of lines, or kilobytes (a list of 2,000 servers: 16 KiB).
+        assert large_mean <= 1.5 * small_mean + 4, (small_mean, large_mean)
+        assert max(large_lines) <= 80, max(large_lines)
+        assert large_bytes <= 2 * small_bytes + 1024, (small_bytes, large_bytes)

@@ -227,7 +227,7 @@ class Gateway:
         error: BaseException | None = None
         try:
             try:
-                if _header_bytes(scope["headers"]) > _MAX_HEADER_BYTES:
+                if incoming.size > _MAX_HEADER_BYTES:
                     raise BadRequest(f"the request headers are over {_MAX_HEADER_BYTES} bytes")
                 length = _content_length(incoming.content_length, incoming.transfer_encoding)
                 body = await read_body(
@@ -316,10 +316,6 @@ def _host_of(scope: Scope) -> str | None:
                 return host[: host.find("]") + 1]
             return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
     return None
-
-
-def _header_bytes(headers: list[tuple[bytes, bytes]]) -> int:
-    return sum(len(name) + len(value) for name, value in headers)
 
 
 def _content_length(value: bytes | None, transfer_encoding: bytes | None = None) -> int | None:

@@ -107,13 +107,21 @@ def sane_request_id(value: bytes) -> bool:
 
 
 def _connection_tokens(value: bytes) -> set[bytes]:
+    if value in _PLAIN_CONNECTION:
+        # The usual values name no header beyond those always removed.
+        return set()
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+_PLAIN_CONNECTION: Final = frozenset(
+    {b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade", b"Upgrade"}
+)
 
 
 class IncomingHeaders:
     """The request headers the gateway itself reads."""
 
-    __slots__ = ("content_length", "forwarded_for", "host", "request_id", "transfer_encoding")
+    __slots__ = ("content_length", "forwarded_for", "host", "request_id", "size", "transfer_encoding")
 
     def __init__(self) -> None:
         self.host: bytes | None = None
@@ -121,6 +129,8 @@ class IncomingHeaders:
         self.transfer_encoding: bytes | None = None
         self.request_id: bytes | None = None
         self.forwarded_for: bytes | None = None
+        #: Bytes of all request header names and values, to refuse oversized sets.
+        self.size = 0
 
 
 def upstream_headers(
@@ -139,7 +149,9 @@ def upstream_headers(
     forwarded_proto = forwarded_host = None
     dropped: set[bytes] | None = None
     kept: Headers = []
+    size = 0
     for name, value in scope_headers:
+        size += len(name) + len(value)
         if name in _REPLACED_UP or name in _FORWARDED_UP:
             if name == b"host":
                 host = value
@@ -178,6 +190,7 @@ def upstream_headers(
     incoming.transfer_encoding = transfer_encoding
     incoming.request_id = request_id_in
     incoming.forwarded_for = forwarded_for
+    incoming.size = size
     return kept, incoming
 
 

@@ -305,17 +305,20 @@ class Telemetry:
     def _start_span(
         self, tracer: Tracer, scope: dict[str, Any], route: Route, exchange: Exchange, pending: _Pending
     ) -> None:
-        # Usually nothing is current (no host instrumentation, no baggage): the empty
-        # context says so without looking up a span.
+        # Passed on to the SDK explicitly, which saves it looking the context up again.
         current = context.get_current()
-        parent: context.Context | None = None
+        parent = current
         kind = SpanKind.SERVER
         method, name_method = _METHODS.get(pending.method, _OTHER_METHOD)
+        # Usually the context is empty (no host instrumentation, no baggage): then there
+        # is no span of the host's to look for.
         host = trace.get_current_span(current) if current else trace.INVALID_SPAN
         host_context = host.get_span_context()
         if not host_context.is_valid:
             try:
-                parent = self.propagation().extract(scope["headers"])
+                extracted = self._extract(scope["headers"])
+                if extracted is not None:
+                    parent = extracted
             except Exception as exc:
                 # A broken propagator costs the trace its parent, not the request its span.
                 self.report("trace context extraction", exc)
@@ -349,17 +352,22 @@ class Telemetry:
             if client and client[0] != client_ip:
                 attributes[NETWORK_PEER_ADDRESS] = client[0]
         name = self._names.get((name_method, route.path)) or self._span_name(name_method, route.path)
-        span = tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
+        span = tracer.start_span(name, parent, kind, attributes)
         # Current for the rest of the request: the client layer's CLIENT spans (or, when
         # unsampled, the traceparent sent upstream), an instrumented transport and the
-        # user's log correlation use it. (`parent` or `current`: what start_span read.)
-        pending.context_token = context.attach(
-            trace.set_span_in_context(span, parent if parent is not None else current)
-        )
+        # user's log correlation use it.
+        pending.context_token = context.attach(trace.set_span_in_context(span, parent))
         pending.traced = span
         if span.is_recording():
             pending.span = exchange.span = span
             pending.own = True
+
+    def _extract(self, headers: Headers) -> context.Context | None:
+        """The parent context the request's headers carry (None: no parent)."""
+        propagation = self._propagation
+        if propagation.propagator is not propagate.get_global_textmap():
+            propagation = self.propagation()
+        return propagation.extract(headers)
 
     def _span_name(self, method: str, route_path: str) -> str:
         key = (method, route_path)
@@ -395,46 +403,26 @@ class Telemetry:
                 self.report("server duration metric", exc)
         span = token.span
         if span is not None:
-            self._finish_span(token, span, status, error, failure, answered)
-        elif token.context_token is not None:
+            try:
+                # A host app's instrumentation may have ended its span with the last body
+                # chunk; it records the status itself.
+                if token.own:
+                    if failure is None:
+                        span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+                    else:
+                        _set_failure(span, status, error, failure, answered)
+                    span.end()
+                elif span.is_recording():
+                    if failure is None:
+                        span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+                    else:
+                        _set_failure(span, status, error, failure, answered)
+            except Exception as exc:
+                self.report("server span end", exc)
+        if token.context_token is not None:
             context.detach(token.context_token)
         if access_logger.isEnabledFor(logging.INFO):
             self._access_log(token, exchange, status, error, duration)
-
-    def _finish_span(
-        self,
-        token: _Pending,
-        span: Span,
-        status: int,
-        error: BaseException | None,
-        failure: str | None,
-        answered: bool,
-    ) -> None:
-        try:
-            # A host app's instrumentation may have ended its span with the last body chunk;
-            # it records the status itself.
-            if token.own or span.is_recording():
-                if failure is None:
-                    if answered:
-                        span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
-                else:
-                    span.set_attributes(
-                        {HTTP_RESPONSE_STATUS_CODE: status, ERROR_TYPE: failure}
-                        if answered
-                        else {ERROR_TYPE: failure}
-                    )
-                    if status >= 500 or not isinstance(error, ClientDisconnected):
-                        description = None
-                        if error is not None:
-                            description = f"{error_type(error)}: {error}" if str(error) else error_type(error)
-                        span.set_status(Status(StatusCode.ERROR, description))
-                if token.own:
-                    span.end()
-        except Exception as exc:
-            self.report("server span end", exc)
-        finally:
-            if token.context_token is not None:
-                context.detach(token.context_token)
 
     def _access_log(
         self, token: _Pending, exchange: Exchange, status: int, error: BaseException | None, duration: float
@@ -538,20 +526,28 @@ class _Propagation:
         if not self.w3c:
             self.propagator.inject(headers, context=trace.set_span_in_context(span), setter=HEADER_SETTER)
             return
-        span_context = span.get_span_context()
-        if self.tracecontext and span_context.is_valid:
-            headers.append(
-                (
-                    b"traceparent",
-                    b"00-%032x-%016x-%02x"
-                    % (span_context.trace_id, span_context.span_id, span_context.trace_flags),
-                )
-            )
-            if span_context.trace_state:
-                headers.append((b"tracestate", span_context.trace_state.to_header().encode("latin-1")))
+        if self.tracecontext:
+            # A SpanContext is a tuple: unpacked, its fields cost no property calls.
+            trace_id, span_id, _, flags, trace_state, valid = span.get_span_context()
+            if valid:
+                headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (trace_id, span_id, flags)))
+                if trace_state is not trace.DEFAULT_TRACE_STATE and trace_state:
+                    headers.append((b"tracestate", trace_state.to_header().encode("latin-1")))
         if baggage and self.baggage is not None:
             # Baggage lives in the current context, where the request's span is too.
             self.baggage.inject(headers, setter=HEADER_SETTER)
+
+
+def _set_failure(span: Span, status: int, error: BaseException | None, failure: str, answered: bool) -> None:
+    """Marks the request's span as failed: error.type, and an ERROR status unless the client left."""
+    span.set_attributes(
+        {HTTP_RESPONSE_STATUS_CODE: status, ERROR_TYPE: failure} if answered else {ERROR_TYPE: failure}
+    )
+    if status >= 500 or not isinstance(error, ClientDisconnected):
+        description = None
+        if error is not None:
+            description = f"{error_type(error)}: {error}" if str(error) else error_type(error)
+        span.set_status(Status(StatusCode.ERROR, description))
 
 
 def _unanswered(status: int, error: BaseException | None) -> bool:

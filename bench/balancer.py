@@ -3,6 +3,7 @@
     python bench/balancer.py            # about 0.4 s of picks per cell, ~10 s in all
     python bench/balancer.py --quick    # CI smoke check: ~2 s in all
     python bench/balancer.py --json     # one JSON object per cell instead of the table
+    python bench/balancer.py --sizes 3,8,32,33,1000   # other numbers of servers
 
 Servers have weights 1, 2, 3 in turn and 0 to 6 requests in flight; consistent_hash requests
 carry 1,024 distinct `x-user-id` keys. Only `Balancer.pick` is timed.
@@ -87,10 +88,10 @@ def picks_per_second(balancer: Balancer, requests: Sequence[Request], budget: fl
             return done / (now - start)
 
 
-def run(budget: float) -> list[Result]:
+def run(budget: float, sizes: Sequence[int] = SIZES) -> list[Result]:
     results: list[Result] = []
     for kind in KINDS:
-        for size in SIZES:
+        for size in sizes:
             servers = make_servers(size)
             upstream = UpstreamConfig(
                 name="bench",
@@ -113,8 +114,9 @@ def format_rate(rate: float) -> str:
 
 def table(results: Sequence[Result]) -> str:
     rates = {(r.balancer, r.servers): r.picks_per_second for r in results}
-    header = ["balancer", *(f"{n:,} servers" for n in SIZES)]
-    rows = [[kind, *(format_rate(rates[kind, n]) for n in SIZES)] for kind in KINDS]
+    sizes = list(dict.fromkeys(r.servers for r in results))
+    header = ["balancer", *(f"{n:,} servers" for n in sizes)]
+    rows = [[kind, *(format_rate(rates[kind, n]) for n in sizes)] for kind in KINDS]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
@@ -129,9 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short run for a CI smoke check")
     parser.add_argument("--seconds", type=float, default=None, help="time spent picking per cell")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    parser.add_argument(
+        "--sizes",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=list(SIZES),
+        help="numbers of servers, comma-separated (default: 3,100,1000)",
+    )
     args = parser.parse_args(argv)
     budget = args.seconds if args.seconds is not None else (0.05 if args.quick else 0.4)
-    results = run(budget)
+    results = run(budget, args.sizes)
     if args.json:
         for result in results:
             print(json.dumps(asdict(result)))

@@ -39,7 +39,7 @@ from .._types import Handler, Request, Response, Server
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Histogram
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import Span
 
     from .._telemetry import Telemetry
 
@@ -47,12 +47,6 @@ __all__ = ["TelemetryLayer"]
 
 # Query parameters whose values semconv says to redact from url.full (signed URLs).
 _SENSITIVE_QUERY = re.compile(rb"([?&](?:AWSAccessKeyId|Signature|sig|X-Goog-Signature)=)[^&#]*")
-
-
-def _url_full(server: Server, target: bytes) -> str:
-    if b"?" in target:
-        target = _SENSITIVE_QUERY.sub(rb"\1REDACTED", target)
-    return server.url + target.decode("latin-1")
 
 
 class TelemetryLayer(Handler):
@@ -67,85 +61,104 @@ class TelemetryLayer(Handler):
     async def handle_request(self, request: Request) -> Response:
         telemetry = self._telemetry
         tracer = telemetry.tracer
-        span: Span | None = None
-        if tracer is not None:
-            parent = request.exchange.span
-            if parent is not None:
-                span = self._start_span(tracer, request, parent)
-            else:
-                _inject_unsampled(telemetry, request)
         histogram = telemetry.client_duration
-        if span is None and histogram is None:
-            return await self.inner.handle_request(request)
+        parent = request.exchange.span
+        if tracer is None or parent is None:
+            if tracer is not None:
+                # Unsampled: no CLIENT span, but the upstream must learn the sampling decision.
+                _inject_current(telemetry, request)
+            if histogram is None:
+                return await self.inner.handle_request(request)
         server = request.server
         assert server is not None, "the failover layer sets request.server"
-        end = _AttemptEnd(telemetry, span, self._base_attributes(server, request.method), histogram)
+        method = request.method
+        by_method = self._attributes.get(server)
+        base = by_method.get(method) if by_method is not None else None
+        if base is None:
+            base = self._base_attributes(server, method)
+        span: Span | None = None
+        if tracer is not None and parent is not None:
+            try:
+                target = request.target
+                if b"?" in target:
+                    target = _SENSITIVE_QUERY.sub(rb"\1REDACTED", target)
+                attributes: dict[str, AttributeValue] = {
+                    **base,
+                    URL_FULL: server.url + target.decode("latin-1"),
+                }
+                name = method
+                if base[HTTP_REQUEST_METHOD] == "_OTHER":
+                    attributes[HTTP_REQUEST_METHOD_ORIGINAL] = method
+                    name = "HTTP"
+                attempts = request.exchange.attempts
+                if attempts > 1:
+                    attributes[HTTP_REQUEST_RESEND_COUNT] = attempts - 1
+                current = context.get_current()
+                if trace.get_current_span(current) is parent:
+                    # The server span is current in the request's task: handed to the SDK,
+                    # which saves it looking the context up again.
+                    span = tracer.start_span(name, current, SpanKind.CLIENT, attributes)
+                    # Beside the server span, only baggage would make the context longer.
+                    telemetry.propagation().inject(request, span, len(current) > 1)
+                else:
+                    # A caller on another context: the parent spelt out.
+                    span = tracer.start_span(
+                        name, trace.set_span_in_context(parent, current), SpanKind.CLIENT, attributes
+                    )
+                    telemetry.propagation().inject(request, span)
+                if not span.is_recording():
+                    span = None
+            except Exception as exc:
+                telemetry.report("client span start", exc)
+                span = None
+            if span is None and histogram is None:
+                return await self.inner.handle_request(request)
+        end = _AttemptEnd(telemetry, span, base, histogram)
         try:
             response = await self.inner.handle_request(request)
         except BaseException as exc:
             end(None, exc)
             raise
-        end.answered(response)
+        status = end.status = response.status
+        if status >= 400:
+            end.failed_status(response)
+        elif span is not None:
+            try:
+                peer = response.peer_address
+                if peer is None:
+                    span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+                else:
+                    span.set_attributes({HTTP_RESPONSE_STATUS_CODE: status, NETWORK_PEER_ADDRESS: peer})
+            except Exception as exc:
+                telemetry.report("client span", exc)
         response.on_close(end)
         return response
 
     def _base_attributes(self, server: Server, method: str) -> dict[str, AttributeValue]:
         """`http.request.method`, `server.address` and `server.port`: shared, never mutated."""
-        by_method = self._attributes.get(server)
-        if by_method is None:
-            by_method = self._attributes[server] = {}
-        attributes = by_method.get(method)
-        if attributes is None:
-            value = method_attributes(method)[0]
-            attributes = {HTTP_REQUEST_METHOD: value, SERVER_ADDRESS: server.host, SERVER_PORT: server.port}
-            if value != "_OTHER":
-                # Other methods are made again each time, so a client cannot grow this table.
-                by_method[method] = attributes
+        value = method_attributes(method)[0]
+        attributes: dict[str, AttributeValue] = {
+            HTTP_REQUEST_METHOD: value,
+            SERVER_ADDRESS: server.host,
+            SERVER_PORT: server.port,
+        }
+        if value != "_OTHER":
+            # Other methods are made again each time, so a client cannot grow this table.
+            self._attributes.setdefault(server, {})[method] = attributes
         return attributes
-
-    def _start_span(self, tracer: Tracer, request: Request, parent: Span) -> Span | None:
-        telemetry = self._telemetry
-        server = request.server
-        assert server is not None, "the failover layer sets request.server"
-        method = request.method
-        try:
-            base = self._base_attributes(server, method)
-            attributes: dict[str, AttributeValue] = {**base, URL_FULL: _url_full(server, request.target)}
-            if base[HTTP_REQUEST_METHOD] == "_OTHER":
-                attributes[HTTP_REQUEST_METHOD_ORIGINAL] = method
-                name = "HTTP"
-            else:
-                name = method
-            attempts = request.exchange.attempts
-            if attempts > 1:
-                attributes[HTTP_REQUEST_RESEND_COUNT] = attempts - 1
-            current = context.get_current()
-            if trace.get_current_span(current) is parent:
-                # The server span is current in the request's task: the SDK finds it there.
-                span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
-                # Beside the server span, only baggage would make the context longer.
-                telemetry.inject(request, span, len(current) > 1)
-            else:
-                # A caller on another context (or the host's span): the parent spelt out.
-                parent_context = trace.set_span_in_context(parent)
-                span = tracer.start_span(name, parent_context, SpanKind.CLIENT, attributes)
-                telemetry.inject(request, span)
-        except Exception as exc:
-            telemetry.report("client span start", exc)
-            return None
-        return span if span.is_recording() else None
 
     async def aclose(self) -> None:
         await self.inner.aclose()
 
 
-def _inject_unsampled(telemetry: Telemetry, request: Request) -> None:
-    """No CLIENT span (unsampled), but the upstream must learn the sampling decision."""
+def _inject_current(telemetry: Telemetry, request: Request) -> None:
+    """The current span's traceparent (an unsampled one: no CLIENT span) goes upstream."""
     try:
         current = context.get_current()
         span = trace.get_current_span(current)
         # Beside the request's span, only baggage would make the context longer.
-        telemetry.inject(request, span, len(current) > (0 if span is trace.INVALID_SPAN else 1))
+        baggage = len(current) > (0 if span is trace.INVALID_SPAN else 1)
+        telemetry.propagation().inject(request, span, baggage)
     except Exception as exc:
         telemetry.report("trace context injection", exc)
 
@@ -174,28 +187,17 @@ class _AttemptEnd:
         self.error_type: str | None = None
         self.start = time.perf_counter() if histogram is not None else 0.0
 
-    def answered(self, response: Response) -> None:
-        """The response head arrived."""
-        status = self.status = response.status
+    def failed_status(self, response: Response) -> None:
+        """A 4xx or 5xx response head arrived: an error on the CLIENT span."""
+        status = response.status
+        failure = self.error_type = str(status)
         span = self.span
-        if status >= 400:
-            self.error_type = str(status)
         if span is None:
             return
         try:
-            peer = response.peer_address
-            if status < 400:
-                if peer is None:
-                    span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
-                else:
-                    span.set_attributes({HTTP_RESPONSE_STATUS_CODE: status, NETWORK_PEER_ADDRESS: peer})
-                return
-            attributes: dict[str, AttributeValue] = {
-                HTTP_RESPONSE_STATUS_CODE: status,
-                ERROR_TYPE: str(status),
-            }
-            if peer is not None:
-                attributes[NETWORK_PEER_ADDRESS] = peer
+            attributes: dict[str, AttributeValue] = {HTTP_RESPONSE_STATUS_CODE: status, ERROR_TYPE: failure}
+            if response.peer_address is not None:
+                attributes[NETWORK_PEER_ADDRESS] = response.peer_address
             span.set_status(Status(StatusCode.ERROR))
             span.set_attributes(attributes)
         except Exception as exc:

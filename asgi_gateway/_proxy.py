@@ -232,15 +232,9 @@ async def read_body(
     more = True
     if length is None or length <= keep:
         while more and size <= keep:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected()
-            chunk = message.get("body", b"")
-            more = message.get("more_body", False)
+            chunk, more = await _receive_chunk(receive)
             if chunk:
-                size += len(chunk)
-                if limit is not None and size > limit:
-                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+                size = _counted(size, chunk, limit)
                 chunks.append(chunk)
         if not more:
             return RequestBody(chunks, size)
@@ -250,16 +244,25 @@ async def read_body(
 async def _stream_rest(receive: ASGIReceive, size: int, limit: int | None) -> AsyncIterator[bytes]:
     more = True
     while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
-        chunk = message.get("body", b"")
-        more = message.get("more_body", False)
+        chunk, more = await _receive_chunk(receive)
         if chunk:
-            size += len(chunk)
-            if limit is not None and size > limit:
-                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            size = _counted(size, chunk, limit)
             yield chunk
+
+
+async def _receive_chunk(receive: ASGIReceive) -> tuple[bytes, bool]:
+    """The next piece of the request body, and whether more follows."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnected()
+    return message.get("body", b""), message.get("more_body", False)
+
+
+def _counted(size: int, chunk: bytes, limit: int | None) -> int:
+    size += len(chunk)
+    if limit is not None and size > limit:
+        raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    return size
 
 
 async def send_error(send: ASGISend, exc: GatewayError, request_id: str, *, close: bool = False) -> int:

@@ -17,7 +17,12 @@ def config(upstreams: Upstreams) -> dict[str, Any]:
         "upstreams": {
             "users": {
                 "servers": [{"url": upstreams.u1.url}, {"url": upstreams.u2.url}],
-                "health_check": {"path": "/healthz", "interval": 0.1, "timeout": 1.0, "unhealthy_threshold": 1},
+                "health_check": {
+                    "path": "/healthz",
+                    "interval": 0.1,
+                    "timeout": 1.0,
+                    "unhealthy_threshold": 1,
+                },
             }
         },
         "status_path": "/-/status",

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import baggage, context, metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.propagators.textmap import TextMapPropagator
@@ -24,14 +24,14 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, ParentBased, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, StatusCode, TraceFlags
 
 from asgi_gateway import ConnectError, Gateway, GatewayMiddleware, JsonFormatter
 from asgi_gateway._config import load_config
 from asgi_gateway._stack import make_servers
-from asgi_gateway._telemetry import Telemetry
-from asgi_gateway._types import Request, Response, Transport
+from asgi_gateway._telemetry import SPAN_KEY, Telemetry, span_of
+from asgi_gateway._types import Exchange, Request, RequestBody, Response, Transport
 
 pytestmark = pytest.mark.anyio
 
@@ -488,6 +488,129 @@ async def test_unknown_method_and_signed_url(otel: Otel) -> None:
     assert client.name == "HTTP"
     assert client.attributes is not None
     assert client.attributes["url.full"] == "http://10.0.0.1:9001/api/users/x?a=1&Signature=REDACTED&b=2"
+
+
+async def test_baggage_goes_upstream_only_when_there_is_some(otel: Otel) -> None:
+    sdk = Otel(sampler=ParentBased(ALWAYS_OFF))
+    upstream = ScriptedTransport(200)
+    sampled = Gateway(make_config(), transport=upstream, **otel.providers)
+    unsampled = Gateway(make_config(), transport=upstream, **sdk.providers)
+    try:
+        await call(sampled)
+        await call(
+            unsampled, headers={"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-00", "baggage": "k=v"}
+        )
+        await call(unsampled)
+        # Baggage the host app put in the context (no incoming header) travels too.
+        token = context.attach(baggage.set_baggage("tenant", "t1"))
+        try:
+            await call(sampled)
+            await call(unsampled)
+        finally:
+            context.detach(token)
+    finally:
+        sdk.close()
+    assert [upstream.header(attempt, b"baggage") for attempt in range(5)] == [
+        [],
+        [b"k=v"],
+        [],
+        [b"tenant=t1"],
+        [b"tenant=t1"],
+    ]
+    for attempt in range(5):
+        assert len(upstream.header(attempt, b"traceparent")) == 1
+
+
+async def test_client_span_under_a_server_span_that_is_not_current(otel: Otel) -> None:
+    # A caller on another context (the server span not attached): the CLIENT span still
+    # hangs under the exchange's span, and the current baggage still travels.
+    telemetry = Telemetry(otel.tracer_provider, otel.meter_provider)
+    upstream = ScriptedTransport(200)
+    layer = telemetry.client_layer(upstream)
+    config = load_config(make_config())
+    (server,) = make_servers(config.upstreams["users"])
+    parent = otel.tracer_provider.get_tracer("test").start_span("request", kind=SpanKind.SERVER)
+    exchange = Exchange(
+        request_id="r",
+        route="/api/users",
+        upstream=config.upstreams["users"],
+        client_ip="",
+        path="/",
+        scheme="http",
+    )
+    exchange.span = parent
+    exchange.attempts = 1
+    request = Request(
+        "GET", b"/api/users/7", [(b"traceparent", b"from-the-client")], RequestBody([], 0), exchange
+    )
+    request.server = server
+    token = context.attach(baggage.set_baggage("k", "v"))
+    try:
+        response = await layer.handle_request(request)
+        await response.aclose()
+    finally:
+        context.detach(token)
+    parent.end()
+
+    (client,) = otel.spans(SpanKind.CLIENT)
+    assert client.parent is not None and client.parent.span_id == parent.get_span_context().span_id
+    (sent,) = upstream.header(0, b"traceparent")
+    assert parse_traceparent(sent) == (*hex_ids(client), True)
+    assert upstream.header(0, b"baggage") == [b"k=v"]
+
+
+class ServerOnlySampler(Sampler):
+    """Records SERVER spans only: the gateway's CLIENT spans come back non-recording."""
+
+    def should_sample(
+        self,
+        parent_context: Any,
+        trace_id: int,
+        name: str,
+        kind: Any = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        decision = Decision.RECORD_AND_SAMPLE if kind is SpanKind.SERVER else Decision.DROP
+        return SamplingResult(decision, attributes)
+
+    def get_description(self) -> str:
+        return "ServerOnly"
+
+
+async def test_a_client_span_the_sampler_drops_is_not_recorded_but_its_context_goes_upstream() -> None:
+    sdk = Otel(sampler=ServerOnlySampler())
+    upstream = ScriptedTransport(200)
+    app = Gateway(make_config(), transport=upstream, **sdk.providers)
+    try:
+        assert (await call(app)).status_code == 200
+        server = sdk.server_span()
+        assert sdk.spans(SpanKind.CLIENT) == []
+        assert server.attributes is not None and server.attributes["http.response.status_code"] == 200
+        assert sum(point.count for point in sdk.points("http.client.request.duration")) == 1
+    finally:
+        sdk.close()
+    (sent,) = upstream.header(0, b"traceparent")
+    trace_id, parent_id, sampled = parse_traceparent(sent)
+    assert trace_id == hex_ids(server)[0] and parent_id != hex_ids(server)[1] and not sampled
+
+
+def test_span_of_reads_the_span_the_api_would() -> None:
+    # The hot path reads a context's span by the API's own key, found through the API.
+    assert SPAN_KEY in trace.set_span_in_context(trace.INVALID_SPAN, Context())
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    unsampled = provider.get_tracer("test").start_span("x")
+    recording = TracerProvider().get_tracer("test").start_span("y")
+    for ctx in (
+        Context(),
+        trace.set_span_in_context(unsampled),
+        trace.set_span_in_context(recording),
+        baggage.set_baggage("k", "v", Context()),
+        context.set_value(SPAN_KEY, "not a span", Context()),
+    ):
+        assert span_of(ctx) is trace.get_current_span(ctx)
+    recording.end()
 
 
 # -- metrics -----------------------------------------------------------------------------

@@ -31,9 +31,11 @@ from .._telemetry import (
     NETWORK_PEER_ADDRESS,
     SERVER_ADDRESS,
     SERVER_PORT,
+    SPAN_KEY,
     URL_FULL,
     error_type,
     method_attributes,
+    span_of,
 )
 from .._types import Handler, Request, Response, Server
 
@@ -94,7 +96,7 @@ class TelemetryLayer(Handler):
                 if attempts > 1:
                     attributes[HTTP_REQUEST_RESEND_COUNT] = attempts - 1
                 current = context.get_current()
-                if trace.get_current_span(current) is parent:
+                if current.get(SPAN_KEY) is parent:
                     # The server span is current in the request's task: handed to the SDK,
                     # which saves it looking the context up again.
                     span = tracer.start_span(name, current, SpanKind.CLIENT, attributes)
@@ -124,11 +126,10 @@ class TelemetryLayer(Handler):
             end.failed_status(response)
         elif span is not None:
             try:
-                peer = response.peer_address
-                if peer is None:
-                    span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
-                else:
-                    span.set_attributes({HTTP_RESPONSE_STATUS_CODE: status, NETWORK_PEER_ADDRESS: peer})
+                # One set_attribute call per value costs the SDK less than a dict of them.
+                span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+                if response.peer_address is not None:
+                    span.set_attribute(NETWORK_PEER_ADDRESS, response.peer_address)
             except Exception as exc:
                 telemetry.report("client span", exc)
         response.on_close(end)
@@ -155,7 +156,7 @@ def _inject_current(telemetry: Telemetry, request: Request) -> None:
     """The current span's traceparent (an unsampled one: no CLIENT span) goes upstream."""
     try:
         current = context.get_current()
-        span = trace.get_current_span(current)
+        span = span_of(current)
         # Beside the request's span, only baggage would make the context longer.
         baggage = len(current) > (0 if span is trace.INVALID_SPAN else 1)
         telemetry.propagation().inject(request, span, baggage)

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import Token
 from typing import TYPE_CHECKING, Any, Final
 
@@ -583,87 +583,106 @@ def _error_type(status: int, error: BaseException | None) -> str | None:
     return None
 
 
+#: What an event hook records: (span or None, event name, event attributes, counter or None,
+#: counter attributes).
+_Emission = tuple[Any, str, dict[str, AttributeValue], Any, dict[str, AttributeValue]]
+
+
 class TelemetryEvents(GatewayEvents):
     """The layers' events as span events on the request's server span, and counters."""
 
     def __init__(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
 
-    def retry(self, exchange: Exchange, attempt: int, reason: str, backoff: float) -> None:
+    def _emit(self, what: str, build: Callable[[], _Emission]) -> None:
+        """A span event (when a request's span is given) and a counter increment, failsafe:
+        even building their attributes may not raise into a layer."""
         try:
-            span = exchange.span
+            span, event, event_attributes, counter, counter_attributes = build()
             if span is not None:
-                span.add_event(
-                    "retry",
-                    {
-                        "gateway.attempt": attempt,
-                        "gateway.retry.reason": reason,
-                        "gateway.retry.backoff": backoff,
-                    },
-                )
-            counter = self._telemetry.retries
+                span.add_event(event, event_attributes)
             if counter is not None:
-                counter.add(1, {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.retry.reason": reason})
+                counter.add(1, counter_attributes)
         except Exception as exc:
-            self._telemetry.report("retry event", exc)
+            self._telemetry.report(what, exc)
+
+    def retry(self, exchange: Exchange, attempt: int, reason: str, backoff: float) -> None:
+        self._emit(
+            "retry event",
+            lambda: (
+                exchange.span,
+                "retry",
+                {
+                    "gateway.attempt": attempt,
+                    "gateway.retry.reason": reason,
+                    "gateway.retry.backoff": backoff,
+                },
+                self._telemetry.retries,
+                {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.retry.reason": reason},
+            ),
+        )
 
     def retry_budget_exhausted(self, exchange: Exchange, reason: str) -> None:
-        try:
-            span = exchange.span
-            if span is not None:
-                span.add_event("retry_budget_exhausted", {"gateway.retry.reason": reason})
-            counter = self._telemetry.budget_exhausted
-            if counter is not None:
-                counter.add(1, {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.retry.reason": reason})
-        except Exception as exc:
-            self._telemetry.report("retry budget event", exc)
+        self._emit(
+            "retry budget event",
+            lambda: (
+                exchange.span,
+                "retry_budget_exhausted",
+                {"gateway.retry.reason": reason},
+                self._telemetry.budget_exhausted,
+                {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.retry.reason": reason},
+            ),
+        )
 
     def ejected(self, server: Server, duration: float, exchange: Exchange | None) -> None:
-        try:
+        def build() -> _Emission:
             attributes: dict[str, AttributeValue] = {
                 GATEWAY_UPSTREAM: server.upstream,
                 SERVER_ADDRESS: server.host,
                 SERVER_PORT: server.port,
             }
-            span = exchange.span if exchange is not None else None
-            if span is not None:
-                span.add_event("ejection", {**attributes, "gateway.ejection.duration": duration})
-            counter = self._telemetry.ejections
-            if counter is not None:
-                counter.add(1, attributes)
-        except Exception as exc:
-            self._telemetry.report("ejection event", exc)
+            return (
+                exchange.span if exchange is not None else None,
+                "ejection",
+                {**attributes, "gateway.ejection.duration": duration},
+                self._telemetry.ejections,
+                attributes,
+            )
+
+        self._emit("ejection event", build)
 
     def readmitted(self, server: Server) -> None:
         # The failover layer logs it and the available-servers gauge shows it.
         pass
 
     def health_changed(self, server: Server, healthy: bool) -> None:
-        try:
-            counter = self._telemetry.health_transitions
-            if counter is not None:
-                counter.add(
-                    1,
-                    {
-                        GATEWAY_UPSTREAM: server.upstream,
-                        SERVER_ADDRESS: server.host,
-                        SERVER_PORT: server.port,
-                        "gateway.health_check.healthy": healthy,
-                    },
-                )
-        except Exception as exc:
-            self._telemetry.report("health event", exc)
+        self._emit(
+            "health event",
+            lambda: (
+                None,
+                "",
+                {},
+                self._telemetry.health_transitions,
+                {
+                    GATEWAY_UPSTREAM: server.upstream,
+                    SERVER_ADDRESS: server.host,
+                    SERVER_PORT: server.port,
+                    "gateway.health_check.healthy": healthy,
+                },
+            ),
+        )
 
     def failover(self, exchange: Exchange, group: str) -> None:
-        try:
-            span = exchange.span
-            if span is not None:
-                span.add_event("failover", {"gateway.failover.group": group})
-            counter = self._telemetry.failovers
-            if counter is not None:
-                counter.add(1, {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.failover.group": group})
-        except Exception as exc:
-            self._telemetry.report("failover event", exc)
+        self._emit(
+            "failover event",
+            lambda: (
+                exchange.span,
+                "failover",
+                {"gateway.failover.group": group},
+                self._telemetry.failovers,
+                {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.failover.group": group},
+            ),
+        )
 
     def available_changed(self, upstream: str, available: int) -> None:
         self._telemetry.available[upstream] = available

@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 import anyio
@@ -70,9 +70,9 @@ class _AutoTransport(Transport):
             self._inner = HttpxTransport()
         return self._inner
 
-    async def handle_request(self, request: Request) -> Response:
-        inner = self._inner or self._open()
-        return await inner.handle_request(request)
+    def handle_request(self, request: Request) -> Coroutine[Any, Any, Response]:
+        # The inner transport's own coroutine, not one more awaiting it (see `Gateway.__call__`).
+        return (self._inner or self._open()).handle_request(request)
 
     def open(self) -> None:
         if self._inner is None:
@@ -152,6 +152,7 @@ class Gateway:
     # -- ASGI ------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        # A coroutine function, as servers tell ASGI 3 apps by that (uvicorn does).
         kind = scope["type"]
         if kind == "http":
             await self.handle_http(scope, receive, send)

@@ -7,12 +7,13 @@ import ipaddress
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from typing import Any, Final
 
 import anyio
 
 from ._exceptions import GatewayError, PayloadTooLarge, UpstreamError, error_response
+from ._loop import running_task
 from ._types import Exchange, Handler, Headers, Request, RequestBody, Response
 
 __all__ = ["ClientDisconnected", "TrustedProxies", "relay"]
@@ -275,30 +276,31 @@ async def send_error(send: ASGISend, exc: GatewayError, request_id: str, *, clos
     return status
 
 
-async def relay(
+def relay(
     handler: Handler,
     request: Request,
     receive: ASGIReceive,
     send: ASGISend,
     body_done: bool,
-) -> tuple[int, BaseException | None]:
+) -> Coroutine[Any, Any, tuple[int, BaseException | None]]:
     """Send `request` through `handler` and stream the answer to the client.
 
     Returns the status the client saw and the error that cut the exchange short,
     if any. An upstream that fails after the response started leaves the client's
     response incomplete, so the server closes the connection: a truncated body is
-    never passed off as complete.
+    never passed off as complete. (A plain function handing back the coroutine that
+    does the work: one coroutine fewer to resume on every wake-up.)
     """
     if not body_done:
         # The request body is still streaming up: receive() is not ours to watch.
-        return await _relay(handler, request, send, None)
+        return _relay(handler, request, send, None)
     # With the request body read, the only message left to receive is the disconnect;
     # waiting for it lets a client that leaves cancel the upstream request at any point.
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return await _relay_watching_anyio(handler, request, receive, send)
-    return await _relay_watching_asyncio(loop, handler, request, receive, send)
+    task = running_task()
+    if task is None:
+        return _relay_watching_anyio(handler, request, receive, send)
+    request.exchange.task = task
+    return _relay_watching_asyncio(task, handler, request, receive, send)
 
 
 class _Watch:
@@ -315,7 +317,7 @@ class _Watch:
         self.closing = False
 
     def start(self) -> None:
-        self.waiter = asyncio.ensure_future(self.receive())
+        self.waiter = asyncio.ensure_future(self.receive(), loop=self.task.get_loop())
         self.waiter.add_done_callback(self._received)
 
     def _received(self, waiter: asyncio.Future[Any]) -> None:
@@ -335,17 +337,16 @@ class _Watch:
             waiter.cancel()
 
 
-# Most exchanges end sooner than this: they never pay for a task watching the client.
-_WATCH_DELAY: Final = 0.005
+# Most exchanges end sooner than this, even under load: they never pay for a task watching
+# the client. A client that left earlier is noticed this late at worst.
+_WATCH_DELAY: Final = 0.05
 
 
 async def _relay_watching_asyncio(
-    loop: asyncio.AbstractEventLoop, handler: Handler, request: Request, receive: ASGIReceive, send: ASGISend
+    task: asyncio.Task[Any], handler: Handler, request: Request, receive: ASGIReceive, send: ASGISend
 ) -> tuple[int, BaseException | None]:
-    task = asyncio.current_task()
-    assert task is not None
     watch = _Watch(receive, task)
-    timer = loop.call_later(_WATCH_DELAY, watch.start)
+    timer = task.get_loop().call_later(_WATCH_DELAY, watch.start)
     try:
         return await _relay(handler, request, send, watch)
     except asyncio.CancelledError:

@@ -8,6 +8,7 @@ lists of raw `(name, value)` byte pairs with lower-case names.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -140,6 +141,8 @@ class Exchange:
     server: Server | None = None
     #: Set by the proxy as soon as the first response byte goes to the client.
     committed: bool = False
+    #: The asyncio task relaying this exchange (None off asyncio, or outside the relay).
+    task: asyncio.Task[Any] | None = None
 
 
 @dataclass(slots=True, eq=False)

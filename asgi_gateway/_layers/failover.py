@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -131,8 +131,9 @@ class FailoverLayer(Handler):
         self._available = -1
         self._recompute(self._clock())
 
-    async def handle_request(self, request: Request) -> Response:
-        return await self.handle_with(request, self._inner)
+    def handle_request(self, request: Request) -> Coroutine[Any, Any, Response]:
+        # `handle_with`'s coroutine itself: one coroutine fewer to resume per wake-up.
+        return self.handle_with(request, self._inner)
 
     async def handle_with(self, request: Request, inner: Handler) -> Response:
         """`handle_request`, with `inner` instead of this layer's own inner handler sending the attempt.

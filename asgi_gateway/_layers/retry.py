@@ -21,6 +21,7 @@ import anyio
 
 from .._config import UpstreamConfig
 from .._exceptions import ConcurrencyLimitExceeded, TotalTimeout, UpstreamError
+from .._loop import running_task
 from .._types import IDEMPOTENT_METHODS, NULL_EVENTS, GatewayEvents, Handler, Request, Response, may_resend
 
 __all__ = ["IDEMPOTENT_METHODS", "RetryBudget", "RetryLayer", "may_resend"]
@@ -170,8 +171,25 @@ class RetryLayer(Handler):
                 f"upstream {self.upstream.name!r} has {self._max_concurrent} requests in flight"
             )
         self.in_flight += 1
+        request.connect_timeout = self._connect_timeout
+        request.read_timeout = self._read_timeout
+        self.budget.record_request()
         try:
-            response = await self._send(request)
+            task = request.exchange.task or running_task()
+            if task is None:
+                response = await self._send_anyio(request)
+            else:
+                # A timer on the loop, like asyncio.timeout_at() but without its look-ups of
+                # the running loop and task (the relay knows its task), and in this coroutine.
+                deadline = task.get_loop().time() + self._total
+                timer = _Deadline(task, deadline)
+                try:
+                    response = await self._attempts_loop(request, deadline)
+                except BaseException as exc:
+                    if not timer.close(exc):
+                        raise
+                    raise self._total_timeout(request) from None
+                timer.close(None)
         except BaseException:
             self.in_flight -= 1
             raise
@@ -181,31 +199,16 @@ class RetryLayer(Handler):
     def _release(self, response: Response, error: BaseException | None) -> None:
         self.in_flight -= 1
 
-    async def _send(self, request: Request) -> Response:
-        request.connect_timeout = self._connect_timeout
-        request.read_timeout = self._read_timeout
-        self.budget.record_request()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not None:
-            # asyncio's own timeout costs a fraction of an anyio cancel scope; the clocks agree.
-            deadline = loop.time() + self._total
-            timeout = asyncio.timeout_at(deadline)
-            try:
-                async with timeout:
-                    return await self._attempts_loop(request, deadline)
-            except TimeoutError:
-                if not timeout.expired():
-                    raise
-        else:
-            deadline = anyio.current_time() + self._total
-            with anyio.CancelScope(deadline=deadline) as scope:
-                return await self._attempts_loop(request, deadline)
-            # Only reached when the deadline cancelled the loop; an outer cancellation propagates.
-            assert scope.cancelled_caught
-        raise TotalTimeout(
+    async def _send_anyio(self, request: Request) -> Response:
+        deadline = anyio.current_time() + self._total
+        with anyio.CancelScope(deadline=deadline) as scope:
+            return await self._attempts_loop(request, deadline)
+        # Only reached when the deadline cancelled the loop; an outer cancellation propagates.
+        assert scope.cancelled_caught
+        raise self._total_timeout(request)
+
+    def _total_timeout(self, request: Request) -> TotalTimeout:
+        return TotalTimeout(
             f"upstream {self.upstream.name!r} did not answer within {self._total:g} s "
             f"({request.exchange.attempts} attempt(s))"
         )
@@ -281,3 +284,26 @@ class RetryLayer(Handler):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class _Deadline:
+    """Cancels `task` at loop time `when`, the way asyncio.timeout_at() does."""
+
+    __slots__ = ("_cancelling", "_handle", "_task", "expired")
+
+    def __init__(self, task: asyncio.Task[object], when: float) -> None:
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.expired = False
+        self._handle = task.get_loop().call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    def close(self, error: BaseException | None) -> bool:
+        """Stop the timer; whether `error` is this deadline's doing (and nothing else's)."""
+        self._handle.cancel()
+        if not self.expired:
+            return False
+        return self._task.uncancel() <= self._cancelling and isinstance(error, asyncio.CancelledError)

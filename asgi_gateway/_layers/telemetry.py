@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from opentelemetry import context, trace
@@ -60,17 +61,23 @@ class TelemetryLayer(Handler):
         #: Per server: method -> {http.request.method, server.address, server.port}, made once.
         self._attributes: dict[Server, dict[str, dict[str, AttributeValue]]] = {}
 
-    async def handle_request(self, request: Request) -> Response:
+    def handle_request(self, request: Request) -> Coroutine[Any, Any, Response]:
+        telemetry = self._telemetry
+        tracer = telemetry.tracer
+        if tracer is None or request.exchange.span is None:
+            if tracer is not None:
+                # Unsampled: no CLIENT span, but the upstream must learn the sampling decision.
+                _inject_current(telemetry, request)
+            if telemetry.client_duration is None:
+                # Nothing to record: the transport's own coroutine, not one awaiting it.
+                return self.inner.handle_request(request)
+        return self._measured(request)
+
+    async def _measured(self, request: Request) -> Response:
         telemetry = self._telemetry
         tracer = telemetry.tracer
         histogram = telemetry.client_duration
         parent = request.exchange.span
-        if tracer is None or parent is None:
-            if tracer is not None:
-                # Unsampled: no CLIENT span, but the upstream must learn the sampling decision.
-                _inject_current(telemetry, request)
-            if histogram is None:
-                return await self.inner.handle_request(request)
         server = request.server
         assert server is not None, "the failover layer sets request.server"
         method = request.method

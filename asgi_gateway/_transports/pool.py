@@ -82,6 +82,7 @@ class _Connection(asyncio.Protocol):
         "_raw",
         "_read_paused",
         "_status",
+        "_timer",
         "_transport",
         "_waiter",
         "_write_paused",
@@ -107,6 +108,7 @@ class _Connection(asyncio.Protocol):
         #: True once an exchange completed on it: a failure may then be a stale keep-alive.
         self.reused = False
         self._waiter: asyncio.Future[bool] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._chunks: list[bytes] = []
         self._active = False
@@ -237,8 +239,17 @@ class _Connection(asyncio.Protocol):
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(True)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(True)
+            self._stop_timer()
+
+    def _stop_timer(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
 
     def _lost(self, exc: Exception | None) -> None:
         """The peer closed the connection (EOF) or it broke."""
@@ -285,17 +296,17 @@ class _Connection(asyncio.Protocol):
         else:
             self.close()
 
-    async def wait(self, deadline: float | None) -> bool:
-        """Wait until the protocol has news; False when `deadline` (loop time) passed first."""
+    def wait(self, deadline: float | None) -> asyncio.Future[bool]:
+        """To await until the protocol has news: True; or False when `deadline` (loop time) passed.
+
+        The future itself, awaited with no coroutine of its own in between; `_wake` clears it.
+        """
+        self._stop_timer()
         waiter: asyncio.Future[bool] = self.loop.create_future()
         self._waiter = waiter
-        timer = None if deadline is None else self.loop.call_at(deadline, _expire, waiter)
-        try:
-            return await waiter
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, _expire, waiter)
+        return waiter
 
     def _deadline(self, timeout: float | None) -> float | None:
         return None if timeout is None else self.loop.time() + timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import random
 import time
@@ -733,6 +734,46 @@ async def test_outer_cancellation_is_not_a_timeout() -> None:
     with anyio.move_on_after(0.05) as scope:
         await retry.handle_request(make_request())
     assert scope.cancelled_caught
+    assert retry.in_flight == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_timeout_leaves_the_task_uncancelled(anyio_backend: str) -> None:
+    # The deadline cancels the task and takes that cancellation back: later awaits still work.
+    task = asyncio.current_task()
+    assert task is not None
+
+    async def hangs(request: Request) -> Response:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    retry, _, _ = layer(ScriptedInner(hangs), upstream(total=0.05))
+    with pytest.raises(TotalTimeout):
+        await retry.handle_request(make_request())
+    assert task.cancelling() == 0
+    await asyncio.sleep(0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_outer_cancellation_with_the_deadline_is_not_a_timeout(anyio_backend: str) -> None:
+    # The deadline and an outer cancellation land in the same loop iteration: the outer one
+    # wins, as with asyncio.timeout().
+    loop = asyncio.get_running_loop()
+
+    async def hangs(request: Request) -> Response:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    retry, _, _ = layer(ScriptedInner(hangs), upstream(total=0.05))
+    outer = asyncio.ensure_future(retry.handle_request(make_request()))
+    await asyncio.sleep(0)
+    loop.call_later(0.1, outer.cancel)
+    # Block the loop past both times, so both timers run back to back: the deadline first.
+    loop.call_later(0.01, time.sleep, 0.15)
+    with pytest.raises(asyncio.CancelledError):
+        await outer
     assert retry.in_flight == 0
 
 

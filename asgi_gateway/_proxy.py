@@ -14,7 +14,7 @@ import anyio
 
 from ._exceptions import GatewayError, PayloadTooLarge, UpstreamError, error_response
 from ._loop import running_task
-from ._types import Exchange, Handler, Headers, Request, RequestBody, Response
+from ._types import BufferedStream, Exchange, Handler, Headers, Request, RequestBody, Response
 
 __all__ = ["ClientDisconnected", "TrustedProxies", "relay"]
 
@@ -124,14 +124,22 @@ class IncomingHeaders:
 
     __slots__ = ("content_length", "forwarded_for", "host", "request_id", "size", "transfer_encoding")
 
-    def __init__(self) -> None:
-        self.host: bytes | None = None
-        self.content_length: bytes | None = None
-        self.transfer_encoding: bytes | None = None
-        self.request_id: bytes | None = None
-        self.forwarded_for: bytes | None = None
+    def __init__(
+        self,
+        host: bytes | None = None,
+        content_length: bytes | None = None,
+        transfer_encoding: bytes | None = None,
+        request_id: bytes | None = None,
+        forwarded_for: bytes | None = None,
+        size: int = 0,
+    ) -> None:
+        self.host = host
+        self.content_length = content_length
+        self.transfer_encoding = transfer_encoding
+        self.request_id = request_id
+        self.forwarded_for = forwarded_for
         #: Bytes of all request header names and values, to refuse oversized sets.
-        self.size = 0
+        self.size = size
 
 
 def upstream_headers(
@@ -185,30 +193,21 @@ def upstream_headers(
     forwarded_host = forwarded_host if trusted and forwarded_host else host
     if forwarded_host:
         kept.append((b"x-forwarded-host", forwarded_host))
-    incoming = IncomingHeaders()
-    incoming.host = host
-    incoming.content_length = content_length
-    incoming.transfer_encoding = transfer_encoding
-    incoming.request_id = request_id_in
-    incoming.forwarded_for = forwarded_for
-    incoming.size = size
+    incoming = IncomingHeaders(host, content_length, transfer_encoding, request_id_in, forwarded_for, size)
     return kept, incoming
 
 
 def downstream_headers(headers: Headers, request_id: bytes) -> Headers:
     """Headers to send to the client: hop-by-hop removed, our X-Request-Id added."""
-    dropped: set[bytes] | None = None
-    out: Headers = []
-    for name, value in headers:
-        if name in _REPLACED_DOWN:
+    out = [pair for pair in headers if pair[0] not in _REPLACED_DOWN]
+    if len(out) != len(headers):
+        # Something went: a Connection header among it may name more to drop.
+        dropped: set[bytes] = set()
+        for name, value in headers:
             if name == b"connection":
-                dropped = (
-                    _connection_tokens(value) if dropped is None else dropped | _connection_tokens(value)
-                )
-            continue
-        out.append((name, value))
-    if dropped:
-        out = [(name, value) for name, value in out if name not in dropped]
+                dropped |= _connection_tokens(value)
+        if dropped:
+            out = [(name, value) for name, value in out if name not in dropped]
     out.append((b"x-request-id", request_id))
     return out
 
@@ -425,8 +424,16 @@ async def _stream(
 ) -> BaseException | None:
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     exchange.committed = True
+    stream = response.stream
+    if type(stream) is BufferedStream:
+        # The whole body is here already: one message, not a chunk and then the end.
+        try:
+            await send({"type": "http.response.body", "body": stream.take(), "more_body": False})
+        except OSError as exc:
+            return ClientDisconnected(str(exc))
+        return None
     try:
-        async for chunk in response.stream:
+        async for chunk in stream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except UpstreamError as exc:
         logger.warning(

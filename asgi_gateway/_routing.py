@@ -74,6 +74,8 @@ class Router:
             table.setdefault(route.segments, []).append(route)
         self._table = {key: tuple(value) for key, value in table.items()}
         self._max_depth = max((len(key) for key in table), default=0)
+        #: The same table keyed by the prefix as it appears in a plain path: b"", b"/api/users".
+        self._prefixes = {b"".join(b"/" + part for part in key): value for key, value in self._table.items()}
 
     def _lookup(self, segments: Sequence[bytes], method: str, host: str | None) -> Route | None:
         best: Route | None = None
@@ -95,6 +97,21 @@ class Router:
         (percent-decoding before splitting, decoding twice, reading backslashes as
         slashes) would pick a different route.
         """
+        if (
+            raw_path[:1] == b"/"
+            and b"/." not in raw_path
+            and b"//" not in raw_path
+            and b"%" not in raw_path
+            and b"\\" not in raw_path
+            and b";" not in raw_path
+        ):
+            # The usual path, which every way of reading it agrees on: its prefixes are
+            # looked up as they are, with no splitting.
+            return self._match_plain(method, host, raw_path)
+        return self._match_general(method, host, raw_path)
+
+    def _match_general(self, method: str, host: str | None, raw_path: bytes) -> tuple[Route, bytes] | None:
+        """`match` for any path: dot segments resolved, segments decoded, readings compared."""
         path = resolve_dot_segments(raw_path)
         if not path.startswith(b"/"):
             raise BadRequest("the request path must start with '/'")
@@ -119,6 +136,34 @@ class Router:
             rest = b"/".join(raw_segments[len(route.segments) :])
             path = b"/" + rest
         return route, path
+
+    def _match_plain(self, method: str, host: str | None, path: bytes) -> tuple[Route, bytes] | None:
+        """`match` for a path with no empty, dot or encoded segment (the same answer, faster)."""
+        prefixes = self._prefixes
+        best: Route | None = None
+        best_prefix = b""
+        prefix = b""
+        end = 0
+        for _ in range(self._max_depth + 1):
+            candidates = prefixes.get(prefix)
+            if candidates is not None:
+                for route in candidates:
+                    if best is not None and route.index > best.index:
+                        break
+                    if (route.methods is None or method in route.methods) and (
+                        route.host is None or route.host == host
+                    ):
+                        best, best_prefix = route, prefix
+                        break
+            if end < 0:
+                break
+            end = path.find(b"/", end + 1)
+            prefix = path if end < 0 else path[:end]
+        if best is None:
+            return None
+        if best.strip_prefix and best_prefix:
+            return best, path[len(best_prefix) :] or b"/"
+        return best, path
 
 
 def _variants(path: bytes) -> list[bytes]:

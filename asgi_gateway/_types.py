@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IDEMPOTENT_METHODS",
+    "BufferedStream",
     "Exchange",
     "Handler",
     "Headers",
@@ -39,6 +40,33 @@ class ResponseStream(Protocol):
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 
     async def aclose(self) -> None: ...
+
+
+class BufferedStream:
+    """A response body already in memory whole: the relay sends it in one message."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def take(self) -> bytes:
+        """All of the body not read yet (after which it is read)."""
+        data = self._data
+        self._data = b""
+        return data
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = self.take()
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+    async def aclose(self) -> None:
+        self._data = b""
 
 
 class RequestBody:

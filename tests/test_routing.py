@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asgi_gateway import BadRequest, load_config
 from asgi_gateway._routing import Router, resolve_dot_segments
@@ -116,3 +118,62 @@ def test_match_cost_does_not_grow_with_route_count() -> None:
     assert match is not None and match[0].index == 999
     # The table is keyed by prefix: a lookup touches one entry per path depth, not every route.
     assert r._max_depth == 2
+
+
+# -- the plain-path fast lookup agrees with the general one ------------------------------------
+
+_SEGMENT = st.sampled_from(["api", "users", "v1", "42", "a.b", "x-y", "é"])
+
+
+@st.composite
+def _routes_and_path(draw: st.DrawFn) -> tuple[list[dict[str, object]], bytes, str, str | None]:
+    routes: list[dict[str, object]] = []
+    for _ in range(draw(st.integers(1, 6))):
+        route: dict[str, object] = {
+            "path": "/" + "/".join(draw(st.lists(_SEGMENT, max_size=3))),
+            "upstream": "u",
+            "strip_prefix": draw(st.booleans()),
+        }
+        if draw(st.booleans()):
+            route["methods"] = draw(st.lists(st.sampled_from(["GET", "POST"]), min_size=1, max_size=2))
+        if draw(st.booleans()):
+            route["host"] = draw(st.sampled_from(["a.example", "b.example"]))
+        routes.append(route)
+    segments = draw(st.lists(_SEGMENT, max_size=5))
+    path = ("/" + "/".join(segments) + draw(st.sampled_from(["", "/"]))).encode()
+    method = draw(st.sampled_from(["GET", "POST", "PUT"]))
+    host = draw(st.sampled_from([None, "a.example", "b.example"]))
+    return routes, path, method, host
+
+
+@settings(max_examples=300, deadline=None)
+@given(_routes_and_path())
+def test_plain_path_lookup_matches_the_general_one(
+    case: tuple[list[dict[str, object]], bytes, str, str | None],
+) -> None:
+    routes, path, method, host = case
+    router = Router(
+        load_config({"routes": routes, "upstreams": {"u": {"servers": [{"url": "http://127.0.0.1:1"}]}}})
+    )
+    assert router.match(method, host, path) == router._match_general(method, host, path)
+
+
+def test_plain_path_lookup_examples() -> None:
+    router = Router(
+        load_config(
+            {
+                "routes": [
+                    {"path": "/api/users", "upstream": "u", "methods": ["POST"]},
+                    {"path": "/api", "upstream": "u", "strip_prefix": True},
+                    {"path": "/", "upstream": "u"},
+                ],
+                "upstreams": {"u": {"servers": [{"url": "http://127.0.0.1:1"}]}},
+            }
+        )
+    )
+    assert router.match("GET", None, b"/api/users/7") == (router.routes[1], b"/users/7")
+    assert router.match("POST", None, b"/api/users/7") == (router.routes[0], b"/api/users/7")
+    assert router.match("GET", None, b"/api") == (router.routes[1], b"/")
+    assert router.match("GET", None, b"/api/") == (router.routes[1], b"/")
+    assert router.match("GET", None, b"/apix") == (router.routes[2], b"/apix")
+    assert router.match("GET", None, b"/") == (router.routes[2], b"/")

@@ -20,7 +20,6 @@ import contextlib
 import enum
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
 from time import monotonic
 from types import TracebackType
 from typing import Any, Final, cast
@@ -36,7 +35,7 @@ from .._exceptions import (
     PoolTimeout,
     ReadTimeout,
 )
-from .._types import Request, RequestBody, Response, Server, Transport, may_resend
+from .._types import BufferedStream, Request, RequestBody, Response, Server, Transport, may_resend
 
 __all__ = ["PoolTransport"]
 
@@ -354,7 +353,7 @@ class _Connection(asyncio.Protocol):
         else:
             # The whole response came with its head: the connection is free at once.
             if self._chunks:
-                response.stream = _DoneStream(self.take())
+                response.stream = BufferedStream(self.take())
             self.finish()
         return response
 
@@ -465,29 +464,7 @@ class _BodyStream:
                 conn.close()
 
 
-class _DoneStream:
-    """A response body that had fully arrived when the response was returned."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        data = self._data
-        if not data:
-            raise StopAsyncIteration
-        self._data = b""
-        return data
-
-    async def aclose(self) -> None:
-        self._data = b""
-
-
-_EMPTY: Final = _DoneStream(b"")
+_EMPTY: Final = BufferedStream(b"")
 
 
 def _encode_head(

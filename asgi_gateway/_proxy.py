@@ -13,7 +13,7 @@ from typing import Any, Final
 import anyio
 
 from ._exceptions import GatewayError, PayloadTooLarge, UpstreamError, error_response
-from ._loop import running_task
+from ._loop import coarse_timers, running_task
 from ._types import BufferedStream, Exchange, Handler, Headers, Request, RequestBody, Response
 
 __all__ = ["ClientDisconnected", "TrustedProxies", "relay"]
@@ -345,7 +345,8 @@ async def _relay_watching_asyncio(
     task: asyncio.Task[Any], handler: Handler, request: Request, receive: ASGIReceive, send: ASGISend
 ) -> tuple[int, BaseException | None]:
     watch = _Watch(receive, task)
-    timer = task.get_loop().call_later(_WATCH_DELAY, watch.start)
+    loop = task.get_loop()
+    timer = coarse_timers(loop).call_at(loop.time() + _WATCH_DELAY, watch.start)
     try:
         return await _relay(handler, request, send, watch)
     except asyncio.CancelledError:

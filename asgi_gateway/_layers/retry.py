@@ -21,7 +21,7 @@ import anyio
 
 from .._config import UpstreamConfig
 from .._exceptions import ConcurrencyLimitExceeded, TotalTimeout, UpstreamError
-from .._loop import running_task
+from .._loop import coarse_timers, running_task
 from .._types import IDEMPOTENT_METHODS, NULL_EVENTS, GatewayEvents, Handler, Request, Response, may_resend
 
 __all__ = ["IDEMPOTENT_METHODS", "RetryBudget", "RetryLayer", "may_resend"]
@@ -295,7 +295,7 @@ class _Deadline:
         self._task = task
         self._cancelling = task.cancelling()
         self.expired = False
-        self._handle = task.get_loop().call_at(when, self._expire)
+        self._handle = coarse_timers(task.get_loop()).call_at(when, self._expire)
 
     def _expire(self) -> None:
         self.expired = True

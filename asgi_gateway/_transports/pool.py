@@ -35,6 +35,7 @@ from .._exceptions import (
     PoolTimeout,
     ReadTimeout,
 )
+from .._loop import CoarseTimer, coarse_timers
 from .._types import BufferedStream, Request, RequestBody, Response, Server, Transport, may_resend
 
 __all__ = ["PoolTransport"]
@@ -107,7 +108,7 @@ class _Connection(asyncio.Protocol):
         #: True once an exchange completed on it: a failure may then be a stale keep-alive.
         self.reused = False
         self._waiter: asyncio.Future[bool] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: CoarseTimer | None = None
         self._write_paused = False
         self._chunks: list[bytes] = []
         self._active = False
@@ -304,7 +305,7 @@ class _Connection(asyncio.Protocol):
         waiter: asyncio.Future[bool] = self.loop.create_future()
         self._waiter = waiter
         if deadline is not None:
-            self._timer = self.loop.call_at(deadline, _expire, waiter)
+            self._timer = coarse_timers(self.loop).call_at(deadline, _expire, waiter)
         return waiter
 
     def _deadline(self, timeout: float | None) -> float | None:

@@ -57,11 +57,16 @@ class CoarseTimer:
         if slot is not None:
             self._slot = None
             slot.discard(self)
+            # The callback is often a method of the timer's owner, which holds the timer:
+            # dropped now, that cycle never waits for the garbage collector.
+            self._callback = self._args = None  # type: ignore[assignment]
 
     def _run(self) -> None:
         if self._slot is not None:
             self._slot = None
-            self._callback(*self._args)
+            callback, args = self._callback, self._args
+            self._callback = self._args = None  # type: ignore[assignment]
+            callback(*args)
 
 
 class CoarseTimers:

@@ -76,7 +76,9 @@ class RetryBudget:
 
     def record_request(self) -> None:
         """Count one client request (not its retries)."""
-        self._requests[self._advance()] += 1
+        now = math.floor(self._clock() / self._width)
+        # Within the newest bucket (nearly always): no call to move the window.
+        self._requests[now % self._size if now == self._head else self._advance()] += 1
 
     def try_acquire_retry(self) -> bool:
         """Take one retry from the budget; False when the window has none left."""
@@ -184,7 +186,16 @@ class RetryLayer(Handler):
                 deadline = task.get_loop().time() + self._total
                 timer = _Deadline(task, deadline)
                 try:
-                    response = await self._attempts_loop(request, deadline)
+                    # The first attempt, here rather than in a coroutine of its own: most
+                    # requests make no other.
+                    request.exchange.attempts += 1
+                    try:
+                        response = await self.inner.handle_request(request)
+                    except UpstreamError as exc:
+                        response = await self._retry(request, deadline, exc, None)
+                    else:
+                        if response.status in self._statuses:
+                            response = await self._retry(request, deadline, None, response)
                 except BaseException as exc:
                     if not timer.close(exc):
                         raise
@@ -214,20 +225,31 @@ class RetryLayer(Handler):
         )
 
     async def _attempts_loop(self, request: Request, deadline: float) -> Response:
+        request.exchange.attempts += 1
+        try:
+            response = await self.inner.handle_request(request)
+        except UpstreamError as exc:
+            return await self._retry(request, deadline, exc, None)
+        if response.status in self._statuses:
+            return await self._retry(request, deadline, None, response)
+        return response
+
+    async def _retry(
+        self, request: Request, deadline: float, error: UpstreamError | None, response: Response | None
+    ) -> Response:
+        """After the first attempt failed (`error`, or a `response` with a retried status): the rest."""
         exchange = request.exchange
         for retry_index in range(self._attempts):
             is_last = retry_index == self._attempts - 1
-            exchange.attempts += 1
-            try:
-                response = await self.inner.handle_request(request)
-            except UpstreamError as exc:
-                condition = exc.retry_condition
+            if error is not None:
+                condition = error.retry_condition
                 if is_last or condition is None or condition not in self._conditions:
-                    raise
-                backoff = self._plan(request, condition, exc.reached_upstream, None, deadline, retry_index)
+                    raise error
+                backoff = self._plan(request, condition, error.reached_upstream, None, deadline, retry_index)
                 if backoff is None:
-                    raise
+                    raise error
             else:
+                assert response is not None
                 if is_last or response.status not in self._statuses:
                     return response
                 condition = f"status:{response.status}"
@@ -238,6 +260,12 @@ class RetryLayer(Handler):
             self.events.retry(exchange, exchange.attempts + 1, condition, backoff)
             if backoff > 0:
                 await self._sleep(backoff)
+            exchange.attempts += 1
+            error = response = None
+            try:
+                response = await self.inner.handle_request(request)
+            except UpstreamError as exc:
+                error = exc
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
     def _plan(

@@ -47,7 +47,9 @@ class CoarseTimer:
 
     __slots__ = ("_args", "_callback", "_slot")
 
-    def __init__(self, callback: Callable[..., object], args: tuple[Any, ...], slot: set[CoarseTimer]) -> None:
+    def __init__(
+        self, callback: Callable[..., object], args: tuple[Any, ...], slot: set[CoarseTimer]
+    ) -> None:
         self._callback = callback
         self._args = args
         self._slot: set[CoarseTimer] | None = slot

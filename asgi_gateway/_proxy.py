@@ -14,7 +14,7 @@ import anyio
 
 from ._exceptions import GatewayError, PayloadTooLarge, UpstreamError, error_response
 from ._loop import coarse_timers, running_task
-from ._types import BufferedStream, Exchange, Handler, Headers, Request, RequestBody, Response
+from ._types import BufferedStream, Handler, Headers, Request, RequestBody
 
 __all__ = ["ClientDisconnected", "TrustedProxies", "relay"]
 
@@ -299,13 +299,13 @@ def relay(
     if task is None:
         return _relay_watching_anyio(handler, request, receive, send)
     request.exchange.task = task
-    return _relay_watching_asyncio(task, handler, request, receive, send)
+    return _relay(handler, request, send, _Watch(receive, task))
 
 
 class _Watch:
     """A lazily started wait for the client's disconnect, on asyncio."""
 
-    __slots__ = ("closing", "disconnected", "receive", "task", "waiter")
+    __slots__ = ("closing", "disconnected", "receive", "task", "timer", "waiter")
 
     def __init__(self, receive: ASGIReceive, task: asyncio.Task[Any]) -> None:
         self.receive = receive
@@ -314,6 +314,8 @@ class _Watch:
         self.disconnected = False
         #: Set while the response is being closed: that must not be interrupted.
         self.closing = False
+        loop = task.get_loop()
+        self.timer = coarse_timers(loop).call_at(loop.time() + _WATCH_DELAY, self.start)
 
     def start(self) -> None:
         self.waiter = asyncio.ensure_future(self.receive(), loop=self.task.get_loop())
@@ -330,6 +332,7 @@ class _Watch:
             self.task.cancel()
 
     def stop(self) -> None:
+        self.timer.cancel()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.remove_done_callback(self._received)
@@ -339,23 +342,6 @@ class _Watch:
 # Most exchanges end sooner than this, even under load: they never pay for a task watching
 # the client. A client that left earlier is noticed this late at worst.
 _WATCH_DELAY: Final = 0.05
-
-
-async def _relay_watching_asyncio(
-    task: asyncio.Task[Any], handler: Handler, request: Request, receive: ASGIReceive, send: ASGISend
-) -> tuple[int, BaseException | None]:
-    watch = _Watch(receive, task)
-    loop = task.get_loop()
-    timer = coarse_timers(loop).call_at(loop.time() + _WATCH_DELAY, watch.start)
-    try:
-        return await _relay(handler, request, send, watch)
-    except asyncio.CancelledError:
-        if watch.disconnected and task.uncancel() == 0:
-            return 499, ClientDisconnected()
-        raise
-    finally:
-        timer.cancel()
-        watch.stop()
 
 
 async def _relay_watching_anyio(
@@ -387,64 +373,63 @@ async def _relay_watching_anyio(
 async def _relay(
     handler: Handler, request: Request, send: ASGISend, watch: _Watch | None
 ) -> tuple[int, BaseException | None]:
+    # One coroutine from the request to the last body byte: every coroutine between the
+    # server and the socket is resumed at each wake-up of the exchange.
     exchange = request.exchange
     try:
-        response = await handler.handle_request(request)
-    except GatewayError as exc:
-        if isinstance(exc, UpstreamError):
-            # The access log carries the outcome; this adds the detail for debugging.
-            logger.debug(
-                "upstream failed: %s",
+        try:
+            response = await handler.handle_request(request)
+        except GatewayError as exc:
+            if isinstance(exc, UpstreamError):
+                # The access log carries the outcome; this adds the detail for debugging.
+                logger.debug(
+                    "upstream failed: %s",
+                    exc.detail or exc.code,
+                    extra={"request_id": exchange.request_id, "upstream": exchange.upstream.name},
+                )
+            return await send_error(send, exc, exchange.request_id), exc
+        except ClientDisconnected as exc:
+            return 499, exc
+        error: BaseException | None = None
+        try:
+            headers = downstream_headers(response.headers, exchange.request_id.encode())
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            exchange.committed = True
+            stream = response.stream
+            if type(stream) is BufferedStream:
+                # The whole body is here already: one message, not a chunk and then the end.
+                await send({"type": "http.response.body", "body": stream.take(), "more_body": False})
+            else:
+                async for chunk in stream:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except UpstreamError as exc:
+            logger.warning(
+                "upstream response broke off: %s",
                 exc.detail or exc.code,
                 extra={"request_id": exchange.request_id, "upstream": exchange.upstream.name},
             )
-        return await send_error(send, exc, exchange.request_id), exc
-    except ClientDisconnected as exc:
-        return 499, exc
-    error: BaseException | None = None
-    try:
-        headers = downstream_headers(response.headers, exchange.request_id.encode())
-        error = await _stream(response, headers, send, exchange)
-    except BaseException as exc:
-        error = exc
+            error = exc
+        except OSError as exc:
+            # Servers following ASGI 2.4 raise OSError from send() once the client is gone.
+            error = ClientDisconnected(str(exc))
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if watch is not None:
+                watch.closing = True
+            if error is None or isinstance(error, Exception):
+                await response.aclose(error)
+            else:
+                # Cancelled: the connection must still be released, whatever cancels us next.
+                with anyio.CancelScope(shield=True):
+                    await response.aclose(error)
+        return response.status, error
+    except asyncio.CancelledError:
+        if watch is not None and watch.disconnected and watch.task.uncancel() == 0:
+            return 499, ClientDisconnected()
         raise
     finally:
         if watch is not None:
-            watch.closing = True
-        if error is None or isinstance(error, Exception):
-            await response.aclose(error)
-        else:
-            # Cancelled: the connection must still be released, whatever cancels us next.
-            with anyio.CancelScope(shield=True):
-                await response.aclose(error)
-    return response.status, error
-
-
-async def _stream(
-    response: Response, headers: Headers, send: ASGISend, exchange: Exchange
-) -> BaseException | None:
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    exchange.committed = True
-    stream = response.stream
-    if type(stream) is BufferedStream:
-        # The whole body is here already: one message, not a chunk and then the end.
-        try:
-            await send({"type": "http.response.body", "body": stream.take(), "more_body": False})
-        except OSError as exc:
-            return ClientDisconnected(str(exc))
-        return None
-    try:
-        async for chunk in stream:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except UpstreamError as exc:
-        logger.warning(
-            "upstream response broke off: %s",
-            exc.detail or exc.code,
-            extra={"request_id": exchange.request_id, "upstream": exchange.upstream.name},
-        )
-        return exc
-    except OSError as exc:
-        # Servers following ASGI 2.4 raise OSError from send() once the client is gone.
-        return ClientDisconnected(str(exc))
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
-    return None
+            watch.stop()

@@ -3,6 +3,7 @@
     BENCH_UPSTREAMS   comma-separated base URLs of the servers to balance over (required)
     BENCH_SLOW        base URL of the slow upstream, routed at /slow (optional)
     BENCH_TRACING     off | sampled (10% parent-based) | all (every request, BatchSpanProcessor)
+                      | unsampled (an SDK that records nothing: the sampler's cost)
     BENCH_TRANSPORT   pool (the built-in HTTP/1.1 client) | httpx (the httpx adapter)
     BENCH_MAX_CONNECTIONS  the built-in pool's connections per server (default: its own, 100)
     BENCH_SPAN_COUNT_FILE  where SIGUSR1 writes how many spans were recorded (optional)
@@ -26,7 +27,7 @@ from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
 from asgi_gateway import Gateway
 
@@ -44,8 +45,10 @@ def _tracer_provider(level: str) -> Any:
         sampler = ParentBased(TraceIdRatioBased(0.1))
     elif level == "all":
         sampler = ALWAYS_ON
+    elif level == "unsampled":
+        sampler = ALWAYS_OFF
     else:
-        raise SystemExit(f"BENCH_TRACING must be off, sampled or all, not {level!r}")
+        raise SystemExit(f"BENCH_TRACING must be off, sampled, all or unsampled, not {level!r}")
     provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(DiscardingExporter()))
     count_file = os.environ.get("BENCH_SPAN_COUNT_FILE")

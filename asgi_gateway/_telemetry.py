@@ -399,6 +399,11 @@ class Telemetry:
     def finish(self, token: _Pending, exchange: Exchange, status: int, error: BaseException | None) -> None:
         """Called once the exchange is over."""
         duration = time.perf_counter() - token.start
+        if token.span is None and token.traced is None and self.server_duration is None:
+            # Nothing traced, nothing measured: only the access log may want this request.
+            if access_logger.isEnabledFor(logging.INFO):
+                self._access_log(token, exchange, status, error, duration)
+            return
         if error is None:
             failure = str(status) if status >= 500 else None
             answered = True

@@ -100,7 +100,7 @@ class TrustedProxies:
 
 def make_request_id() -> str:
     # An identifier, not a secret: no system call per request.
-    return f"{_ids.getrandbits(128):032x}"
+    return _ids.getrandbits(128).to_bytes(16).hex()
 
 
 def sane_request_id(value: bytes) -> bool:

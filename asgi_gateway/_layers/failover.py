@@ -160,7 +160,7 @@ class FailoverLayer(Handler):
         failed = response.status in FAILURE_STATUSES
         if failed:
             self._failure(server, str(response.status), exchange)
-        response.on_close(_Attempt(self, server, exchange, judged=failed))
+        response.on_close(_Attempt(self, server, exchange, failed))
         if response.server is None:
             response.server = server
         return response

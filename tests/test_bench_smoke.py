@@ -35,7 +35,7 @@ def run_smoke(out: Path, *extra: str) -> tuple[str, dict[str, object]]:
 def check_report(stdout: str, raw: dict[str, object]) -> None:
     samples = raw["samples"]
     assert isinstance(samples, list)
-    for case in ("direct", "gateway-off", "gateway-all"):
+    for case in ("direct", "gateway-off", "gateway-all", "gateway-sdk"):
         for size in ("1k", "1m"):
             measured = [s for s in samples if s["case"] == case and s["size"] == size]
             assert measured, f"no {size} sample for {case}"
@@ -52,6 +52,7 @@ def check_report(stdout: str, raw: dict[str, object]) -> None:
     assert "| asgi_gateway, tracing off |" in stdout
     assert "| asgi_gateway, every request traced |" in stdout
     assert "### Targets" in stdout and "memory per in-flight request < 64 KiB" in stdout
+    assert "the SDK's own spans around the gateway under the same load" in stdout
     assert "### Router match cost" in stdout
     assert "### Machine and versions" in stdout and "uvicorn" in stdout
 

@@ -4,6 +4,8 @@
     BENCH_SLOW        base URL of the slow upstream, routed at /slow (optional)
     BENCH_TRACING     off | sampled (10% parent-based) | all (every request, BatchSpanProcessor)
                       | unsampled (an SDK that records nothing: the sampler's cost)
+                      | sdk (tracing off in the gateway; the SDK's own calls make the same two spans
+                        per request around it: the yardstick for the gateway's tracing cost)
     BENCH_TRANSPORT   pool (the built-in HTTP/1.1 client) | httpx (the httpx adapter)
     BENCH_MAX_CONNECTIONS  the built-in pool's connections per server (default: its own, 100)
     BENCH_SPAN_COUNT_FILE  where SIGUSR1 writes how many spans were recorded (optional)
@@ -23,13 +25,14 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
 from asgi_gateway import Gateway
+from asgi_gateway._types import Request, Response, Transport
 
 
 def _tracer_provider(level: str) -> Any:
@@ -47,8 +50,10 @@ def _tracer_provider(level: str) -> Any:
         sampler = ALWAYS_ON
     elif level == "unsampled":
         sampler = ALWAYS_OFF
+    elif level == "sdk":
+        sampler = ALWAYS_ON
     else:
-        raise SystemExit(f"BENCH_TRACING must be off, sampled, all or unsampled, not {level!r}")
+        raise SystemExit(f"BENCH_TRACING must be off, sampled, all, unsampled or sdk, not {level!r}")
     provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(DiscardingExporter()))
     count_file = os.environ.get("BENCH_SPAN_COUNT_FILE")
@@ -92,7 +97,71 @@ def _transport(kind: str) -> Any:
     raise SystemExit(f"BENCH_TRANSPORT must be pool or httpx, not {kind!r}")
 
 
-def make_app() -> Gateway:
+class _ClientSpans(Transport):
+    """The SDK's CLIENT span around each attempt, made the plainest way (the yardstick)."""
+
+    def __init__(self, inner: Transport, tracer: trace.Tracer) -> None:
+        self.inner = inner
+        self.tracer = tracer
+
+    async def handle_request(self, request: Request) -> Response:
+        server = request.server
+        assert server is not None
+        span = self.tracer.start_span(
+            request.method,
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "http.request.method": request.method,
+                "server.address": server.host,
+                "server.port": server.port,
+                "url.full": server.url + request.target.decode("latin-1"),
+            },
+        )
+        try:
+            response = await self.inner.handle_request(request)
+        except BaseException:
+            span.end()
+            raise
+        span.set_attribute("http.response.status_code", response.status)
+        response.on_close(lambda response, error: span.end())
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _with_server_spans(gateway: Gateway, tracer: trace.Tracer) -> Any:
+    """The SDK's SERVER span around each request, current while the gateway handles it."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await gateway(scope, receive, send)
+            return
+        client = scope.get("client")
+        span = tracer.start_span(
+            f"{scope['method']} /",
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "http.route": "/",
+                "http.request.method": scope["method"],
+                "url.path": scope["path"],
+                "url.scheme": scope["scheme"],
+                "gateway.upstream": "backend",
+                "client.address": client[0] if client else "",
+            },
+        )
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            await gateway(scope, receive, send)
+        finally:
+            span.set_attribute("http.response.status_code", 200)
+            span.end()
+            context.detach(token)
+
+    return app
+
+
+def make_app() -> Any:
     servers = [url for url in os.environ["BENCH_UPSTREAMS"].split(",") if url]
     upstreams: dict[str, Any] = {
         "backend": {
@@ -113,11 +182,25 @@ def make_app() -> Gateway:
             "max_concurrent_requests": 4000,
         }
         routes.insert(0, {"path": "/slow", "upstream": "slow"})
+    level = os.environ.get("BENCH_TRACING", "off")
+    provider = _tracer_provider(level)
+    transport = _transport(os.environ.get("BENCH_TRANSPORT", "pool"))
+    if level == "sdk":
+        from asgi_gateway._transports.pool import PoolTransport
+
+        tracer = provider.get_tracer("bench")
+        gateway = Gateway(
+            {"routes": routes, "upstreams": upstreams},
+            tracer_provider=trace.NoOpTracerProvider(),
+            meter_provider=NoOpMeterProvider(),
+            transport=_ClientSpans(transport or PoolTransport(), tracer),
+        )
+        return _with_server_spans(gateway, tracer)
     return Gateway(
         {"routes": routes, "upstreams": upstreams},
-        tracer_provider=_tracer_provider(os.environ.get("BENCH_TRACING", "off")),
+        tracer_provider=provider,
         meter_provider=NoOpMeterProvider(),
-        transport=_transport(os.environ.get("BENCH_TRANSPORT", "pool")),
+        transport=transport,
     )
 
 

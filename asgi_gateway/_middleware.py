@@ -151,12 +151,9 @@ class Gateway:
 
     # -- ASGI ------------------------------------------------------------------------
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        # A coroutine function, as servers tell ASGI 3 apps by that (uvicorn does).
+    async def _not_http(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
-        if kind == "http":
-            await self.handle_http(scope, receive, send)
-        elif kind == "websocket":
+        if kind == "websocket":
             await self.handle_websocket(scope, receive, send)
         elif kind == "lifespan" and self.app is None:
             await self._own_lifespan(receive, send)
@@ -176,7 +173,13 @@ class Gateway:
             return
         await send({"type": "lifespan.shutdown.complete"})
 
-    async def handle_http(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        # HTTP requests are handled right here rather than in one more coroutine (every one
+        # between the server and the socket is resumed at each wake-up of the exchange). A
+        # coroutine function, as servers tell ASGI 3 apps by that (uvicorn does).
+        if scope["type"] != "http":
+            await self._not_http(scope, receive, send)
+            return
         method: str = scope["method"]
         raw_path = self._mount_relative(scope)
         if self._status_path is not None and raw_path == self._status_path and method in ("GET", "HEAD"):
@@ -264,6 +267,9 @@ class Gateway:
                 status = await send_error(send, GatewayError("internal error"), request_id)
         finally:
             self.telemetry.finish(token, exchange, status, error)
+
+    #: An HTTP request (`GatewayMiddleware` hands them over with this name).
+    handle_http = __call__
 
     def _mount_relative(self, scope: Scope) -> bytes:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")

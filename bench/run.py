@@ -95,6 +95,8 @@ class Case:
     env: tuple[tuple[str, str], ...] = ()
     module: str = ""  # an import that must work for the case to run
     gateway: bool = False
+    #: Run unless --only names the cases; the floors run only when asked for.
+    default: bool = True
 
 
 CASES = (
@@ -111,6 +113,10 @@ CASES = (
     Case("gateway-httpx", "asgi_gateway on the httpx adapter", "uvicorn", "gateway_app:app",
          (("BENCH_TRACING", "off"), ("BENCH_TRANSPORT", "httpx")), gateway=True),
     Case("asgiproxy", "asgiproxy", "uvicorn", "asgiproxy_app:app", module="asgiproxy"),
+    Case("floor-uvicorn", "floor: uvicorn answering by itself", "uvicorn", "floor_app:app",
+         (("BENCH_FLOOR", "uvicorn"),), default=False),
+    Case("floor-pool", "floor: uvicorn + the built-in client, no gateway", "uvicorn", "floor_app:app",
+         (("BENCH_FLOOR", "pool"),), default=False),
     Case("fastapi-proxy-lib", "fastapi-proxy-lib", "uvicorn", "fastapi_proxy_lib_app:app",
          module="fastapi_proxy_lib"),
 )  # fmt: skip
@@ -989,7 +995,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             mode.helper_args,
         )
     tools = find_tools(args.fallback, args.smoke)
-    wanted = set(args.only.split(",")) if args.only else set(mode.cases or (c.key for c in CASES))
+    wanted = (
+        set(args.only.split(",")) if args.only else set(mode.cases or (c.key for c in CASES if c.default))
+    )
     unknown = wanted - {c.key for c in CASES}
     if unknown:
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
@@ -1032,6 +1040,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         routing = run_helper("routing.py", mode.helper_args, harness.proxy_core(), 120)
         routing_json = run_helper("routing.py", (*mode.helper_args, "--json"), harness.proxy_core(), 120)
         tracing = run_helper("tracing.py", mode.helper_args, harness.proxy_core(), 120)
+        tracing = "\n\n".join(
+            text
+            for text in (run_helper("hotpath.py", mode.helper_args, harness.proxy_core(), 300), tracing)
+            if text
+        )
         notes, failed = harness.notes, harness.failed
 
     summaries = summarize(cases, samples)
@@ -1087,7 +1100,8 @@ def profile(case: Case, tools: Tools, seconds: float, out: Path) -> int:
         )  # fmt: skip
         try:
             command = [py_spy, "record", "--pid", str(harness.proxies[case.key].pid), "--rate", "500",
-                       "--duration", str(round(seconds)), "--format", "raw", "--nonblocking", "-o", str(raw)]  # fmt: skip
+                       "--duration", str(round(seconds)), "--format", "raw", "--nonblocking", "--full-filenames",
+                       "-o", str(raw)]  # fmt: skip
             done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
         finally:
             wrk.wait(seconds + 30)
@@ -1098,7 +1112,39 @@ def profile(case: Case, tools: Tools, seconds: float, out: Path) -> int:
     print("(a flame graph: `py-spy record --format flamegraph`, or load the file into speedscope)")
     for share, name in self_time(raw)[:30]:
         print(f"{share:6.1f}%  {name}")
+    print("\nCPU by package (self time):")
+    for share, name in by_package(raw)[:12]:
+        print(f"{share:6.1f}%  {name}")
     return 0
+
+
+def _package_of(filename: str) -> str:
+    parts = Path(filename).parts
+    if "site-packages" in parts:
+        parts = parts[parts.index("site-packages") + 1 :]
+        if parts[:2] == ("opentelemetry", "sdk"):
+            return "opentelemetry SDK"
+        return parts[0] if parts else "?"
+    if "asgi_gateway" in parts:
+        return "asgi_gateway"
+    # The standard library: the module or package name.
+    return Path(parts[-1]).stem if len(parts) < 2 or parts[-2].startswith("python3") else parts[-2]
+
+
+def by_package(raw: Path) -> list[tuple[float, str]]:
+    """Per-package share of the samples: whose code was running (the event loop's own C code,
+    system calls included, counts as the asyncio frame that called into it)."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        total += int(count)
+        where = stack.rsplit(";", 1)[-1].partition(" (")[2].rsplit(":", 1)[0]
+        package = _package_of(where)
+        counts[package] = counts.get(package, 0) + int(count)
+    return sorted(((100 * n / total, key) for key, n in counts.items()), reverse=True) if total else []
 
 
 def self_time(raw: Path) -> list[tuple[float, str]]:
@@ -1173,7 +1219,7 @@ def render(
     for title, text in (
         ("Balancer picks", balancer),
         ("Router match cost", routing),
-        ("Tracing (bench/tracing.py)", tracing),
+        ("The gateway's own work and tracing, in-process (bench/hotpath.py, bench/tracing.py)", tracing),
     ):
         if text:
             parts += [f"### {title}", "", "```", text, "```", ""]

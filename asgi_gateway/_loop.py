@@ -45,7 +45,7 @@ def running_task() -> asyncio.Task[Any] | None:
 class CoarseTimer:
     """One timer of `CoarseTimers`; `cancel()` it when it is no longer wanted."""
 
-    __slots__ = ("_args", "_callback", "_slot")
+    __slots__ = ("_args", "_callback", "_slot", "fired")
 
     def __init__(
         self, callback: Callable[..., object], args: tuple[Any, ...], slot: set[CoarseTimer]
@@ -53,6 +53,8 @@ class CoarseTimer:
         self._callback = callback
         self._args = args
         self._slot: set[CoarseTimer] | None = slot
+        #: True once the callback has run.
+        self.fired = False
 
     def cancel(self) -> None:
         slot = self._slot
@@ -66,6 +68,7 @@ class CoarseTimer:
     def _run(self) -> None:
         if self._slot is not None:
             self._slot = None
+            self.fired = True
             callback, args = self._callback, self._args
             self._callback = self._args = None  # type: ignore[assignment]
             callback(*args)

@@ -181,10 +181,12 @@ class RetryLayer(Handler):
             if task is None:
                 response = await self._send_anyio(request)
             else:
-                # A timer on the loop, like asyncio.timeout_at() but without its look-ups of
-                # the running loop and task (the relay knows its task), and in this coroutine.
-                deadline = task.get_loop().time() + self._total
-                timer = _Deadline(task, deadline)
+                # What asyncio.timeout_at() does, without its look-ups of the running loop and
+                # task (the relay knows its task), and on a coarse timer.
+                loop = task.get_loop()
+                deadline = loop.time() + self._total
+                cancelling = task.cancelling()
+                timer = coarse_timers(loop).call_at(deadline, task.cancel)
                 try:
                     # The first attempt, here rather than in a coroutine of its own: most
                     # requests make no other.
@@ -197,10 +199,19 @@ class RetryLayer(Handler):
                         if response.status in self._statuses:
                             response = await self._retry(request, deadline, None, response)
                 except BaseException as exc:
-                    if not timer.close(exc):
-                        raise
-                    raise self._total_timeout(request) from None
-                timer.close(None)
+                    timer.cancel()
+                    # The deadline's cancellation is taken back; only if nothing else asked for
+                    # one too is this a timeout (as asyncio.timeout decides).
+                    if (
+                        timer.fired
+                        and task.uncancel() <= cancelling
+                        and isinstance(exc, asyncio.CancelledError)
+                    ):
+                        raise self._total_timeout(request) from None
+                    raise
+                timer.cancel()
+                if timer.fired:
+                    task.uncancel()
         except BaseException:
             self.in_flight -= 1
             raise
@@ -312,26 +323,3 @@ class RetryLayer(Handler):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
-
-
-class _Deadline:
-    """Cancels `task` at loop time `when`, the way asyncio.timeout_at() does."""
-
-    __slots__ = ("_cancelling", "_handle", "_task", "expired")
-
-    def __init__(self, task: asyncio.Task[object], when: float) -> None:
-        self._task = task
-        self._cancelling = task.cancelling()
-        self.expired = False
-        self._handle = coarse_timers(task.get_loop()).call_at(when, self._expire)
-
-    def _expire(self) -> None:
-        self.expired = True
-        self._task.cancel()
-
-    def close(self, error: BaseException | None) -> bool:
-        """Stop the timer; whether `error` is this deadline's doing (and nothing else's)."""
-        self._handle.cancel()
-        if not self.expired:
-            return False
-        return self._task.uncancel() <= self._cancelling and isinstance(error, asyncio.CancelledError)

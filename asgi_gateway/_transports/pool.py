@@ -20,6 +20,7 @@ import contextlib
 import enum
 import ssl
 from collections import deque
+from collections.abc import Coroutine
 from time import monotonic
 from types import TracebackType
 from typing import Any, Final, cast
@@ -321,7 +322,10 @@ class _Connection(asyncio.Protocol):
         `message` is the whole request, encoded, when its body is buffered; else None and the
         body is streamed.
 
-        On any exception (cancellation included) the connection is closed.
+        On any exception (cancellation included) the connection is closed. A reused keep-alive
+        connection that the server had closed is most likely why it failed at once, so the
+        request goes once more on a new connection, as Go's net/http does: only when it can be
+        sent again, and only if the server may see it twice (it may also have died handling it).
         """
         if self._is_head:
             self._parser = httptools.HttpResponseParser(self)
@@ -345,18 +349,29 @@ class _Connection(asyncio.Protocol):
                     raise self._error
                 if not await self.wait(deadline):
                     raise ReadTimeout(f"no response from {self.pool.label} within {timeout}s")
-        except BaseException:
+        except BaseException as exc:
             self.close()
-            raise
-        response = Response(self._status, self._headers, _EMPTY, request.server, self.peer_address)
-        if not self._done:
-            response.stream = _BodyStream(self, timeout)
+            body = request.body
+            if not (
+                isinstance(exc, ConnectionReset)
+                and self.reused
+                and not self.received
+                and (body.replayable or not body.started)
+                and may_resend(request)
+            ):
+                raise
         else:
-            # The whole response came with its head: the connection is free at once.
-            if self._chunks:
-                response.stream = BufferedStream(self.take())
-            self.finish()
-        return response
+            response = Response(self._status, self._headers, _EMPTY, request.server, self.peer_address)
+            if not self._done:
+                response.stream = _BodyStream(self, timeout)
+            else:
+                # The whole response came with its head: the connection is free at once.
+                if self._chunks:
+                    response.stream = BufferedStream(self.take())
+                self.finish()
+            return response
+        fresh = await self.pool.acquire(request.connect_timeout, fresh=True)
+        return await fresh.send(request, message, length, chunked)
 
     async def _send_streamed(
         self, request: Request, length: int | None, chunked: bool, read_timeout: float | None
@@ -794,7 +809,7 @@ class PoolTransport(Transport):
             self._pools[key] = pool
         return pool
 
-    async def handle_request(self, request: Request) -> Response:
+    def handle_request(self, request: Request) -> Coroutine[Any, Any, Response]:
         server = request.server
         if server is None:
             raise RuntimeError("request.server must be set before the transport sends it")
@@ -805,21 +820,15 @@ class PoolTransport(Transport):
         message = _encode_head(request, length, chunked, body.chunks) if body.replayable else None
         conn = pool.take_idle(monotonic())
         if conn is None:
-            conn = await pool.acquire(request.connect_timeout)
-        try:
-            return await conn.send(request, message, length, chunked)
-        except ConnectionReset:
-            # Most likely a keep-alive connection the server closed as we reused it, so the request
-            # goes once more on a new connection, as Go's net/http does: only when it can be sent
-            # again, and only if the server may see it twice (it may also have died handling it).
-            if not (
-                conn.reused
-                and not conn.received
-                and (body.replayable or not body.started)
-                and may_resend(request)
-            ):
-                raise
-        conn = await pool.acquire(request.connect_timeout, fresh=True)
+            return self._send_when_connected(pool, request, message, length, chunked)
+        # The connection's own coroutine, not one more awaiting it: the usual case.
+        return conn.send(request, message, length, chunked)
+
+    @staticmethod
+    async def _send_when_connected(
+        pool: _HostPool, request: Request, message: bytes | None, length: int | None, chunked: bool
+    ) -> Response:
+        conn = await pool.acquire(request.connect_timeout)
         return await conn.send(request, message, length, chunked)
 
     async def aclose(self) -> None:

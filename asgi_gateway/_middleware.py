@@ -30,7 +30,7 @@ from ._routing import Router
 from ._stack import UpstreamStack, build_stacks
 from ._telemetry import Telemetry
 from ._transports.httpx import HttpxTransport
-from ._types import Exchange, Request, Response, Transport
+from ._types import Exchange, Request, RequestBody, Response, Transport
 
 __all__ = ["Gateway", "GatewayMiddleware"]
 
@@ -234,13 +234,16 @@ class Gateway:
                 if incoming.size > _MAX_HEADER_BYTES:
                     raise BadRequest(f"the request headers are over {_MAX_HEADER_BYTES} bytes")
                 length = _content_length(incoming.content_length, incoming.transfer_encoding)
-                body = await read_body(
-                    receive,
-                    length=length,
-                    chunked=incoming.transfer_encoding is not None,
-                    keep=upstream.retry.buffer_limit if upstream.retry.attempts > 1 else 0,
-                    limit=route.max_body_size,
-                )
+                if length is None and incoming.transfer_encoding is None:
+                    body = RequestBody([], None)  # no body (most requests): nothing to read
+                else:
+                    body = await read_body(
+                        receive,
+                        length=length,
+                        chunked=incoming.transfer_encoding is not None,
+                        keep=upstream.retry.buffer_limit if upstream.retry.attempts > 1 else 0,
+                        limit=route.max_body_size,
+                    )
             except GatewayError as exc:
                 error = exc
                 # With both framings (RFC 9112 6.3) the bytes after this request cannot be

@@ -19,7 +19,6 @@ __all__ = ["CoarseTimer", "CoarseTimers", "coarse_timers", "running_task"]
 class _Cache(threading.local):
     loop: asyncio.AbstractEventLoop | None = None
     timers: CoarseTimers | None = None
-    timers_loop: asyncio.AbstractEventLoop | None = None
 
 
 _cache = _Cache()
@@ -85,10 +84,10 @@ class CoarseTimers:
     insertion and removal.
     """
 
-    __slots__ = ("_loop", "_resolution", "_slots")
+    __slots__ = ("_resolution", "_slots", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = 0.01) -> None:
-        self._loop = loop
+        self.loop = loop
         self._resolution = resolution
         self._slots: dict[int, set[CoarseTimer]] = {}
 
@@ -98,7 +97,7 @@ class CoarseTimers:
         slot = self._slots.get(tick)
         if slot is None:
             slot = self._slots[tick] = set()
-            self._loop.call_at(tick * self._resolution, self._fire, tick)
+            self.loop.call_at(tick * self._resolution, self._fire, tick)
         timer = CoarseTimer(callback, args, slot)
         slot.add(timer)
         return timer
@@ -114,7 +113,6 @@ class CoarseTimers:
 def coarse_timers(loop: asyncio.AbstractEventLoop) -> CoarseTimers:
     """The `CoarseTimers` of `loop`, which must be running in this thread."""
     timers = _cache.timers
-    if timers is None or _cache.timers_loop is not loop:
+    if timers is None or timers.loop is not loop:
         timers = _cache.timers = CoarseTimers(loop)
-        _cache.timers_loop = loop
     return timers

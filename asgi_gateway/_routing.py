@@ -150,9 +150,7 @@ class Router:
                 for route in candidates:
                     if best is not None and route.index > best.index:
                         break
-                    if (route.methods is None or method in route.methods) and (
-                        route.host is None or route.host == host
-                    ):
+                    if route.accepts(method, host):
                         best, best_prefix = route, prefix
                         break
             if end < 0:

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,7 @@ MODES = {
         1,
         0,
         50,
-        ("direct", "gateway-off", "gateway-all", "gateway-sdk"),
+        ("direct", "gateway-off", "gateway-all", "gateway-sdk", "floor-pool"),
         ("--quick", "--seconds", "0.005"),
     ),
 }
@@ -1131,9 +1131,8 @@ def _package_of(filename: str) -> str:
     return Path(parts[-1]).stem if len(parts) < 2 or parts[-2].startswith("python3") else parts[-2]
 
 
-def by_package(raw: Path) -> list[tuple[float, str]]:
-    """Per-package share of the samples: whose code was running (the event loop's own C code,
-    system calls included, counts as the asyncio frame that called into it)."""
+def _shares(raw: Path, key_of: Callable[[str, str], str]) -> list[tuple[float, str]]:
+    """Share of py-spy's raw samples per `key_of(function, filename)` of the innermost frame."""
     counts: dict[str, int] = {}
     total = 0
     for line in raw.read_text().splitlines():
@@ -1141,27 +1140,26 @@ def by_package(raw: Path) -> list[tuple[float, str]]:
         if not stack or not count.isdigit():
             continue
         total += int(count)
-        where = stack.rsplit(";", 1)[-1].partition(" (")[2].rsplit(":", 1)[0]
-        package = _package_of(where)
-        counts[package] = counts.get(package, 0) + int(count)
+        name, _, where = stack.rsplit(";", 1)[-1].partition(" (")
+        key = key_of(name, where.rsplit(":", 1)[0])
+        counts[key] = counts.get(key, 0) + int(count)
     return sorted(((100 * n / total, key) for key, n in counts.items()), reverse=True) if total else []
+
+
+def by_package(raw: Path) -> list[tuple[float, str]]:
+    """Per-package share of the samples: whose code was running (the event loop's own C code,
+    system calls included, counts as the asyncio frame that called into it)."""
+    return _shares(raw, lambda name, filename: _package_of(filename))
 
 
 def self_time(raw: Path) -> list[tuple[float, str]]:
     """Per-function share of the samples in which it was the innermost frame."""
-    counts: dict[str, int] = {}
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        total += int(count)
-        leaf = stack.rsplit(";", 1)[-1]
-        name, _, where = leaf.partition(" (")
-        path = "/".join(Path(where.rsplit(":", 1)[0]).parts[-2:])
-        key = f"{name} ({path})" if path else name
-        counts[key] = counts.get(key, 0) + int(count)
-    return sorted(((100 * n / total, key) for key, n in counts.items()), reverse=True) if total else []
+
+    def key_of(name: str, filename: str) -> str:
+        path = "/".join(Path(filename).parts[-2:])
+        return f"{name} ({path})" if path else name
+
+    return _shares(raw, key_of)
 
 
 def render(

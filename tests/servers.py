@@ -70,6 +70,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def listening_socket(backlog: int) -> socket.socket:
+    """A TCP socket listening on HOST (any free port), whose accept() wakes every 0.1 s."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((HOST, 0))
+    listener.listen(backlog)
+    listener.settimeout(0.1)
+    return listener
+
+
 def wait_until(
     predicate: Callable[[], T],
     timeout: float = 10.0,
@@ -548,11 +558,7 @@ class BrokenServer:
         if mode not in ("close", "reset", "garbage", "silent"):
             raise ValueError(mode)
         self.mode = mode
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((HOST, 0))
-        self.listener.listen(64)
-        self.listener.settimeout(0.1)
+        self.listener = listening_socket(64)
         self.port: int = self.listener.getsockname()[1]
         self.connections = 0
         self._open: list[socket.socket] = []

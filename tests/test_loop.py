@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import trio
@@ -113,7 +112,6 @@ def test_coarse_timer_many_share_few_loop_timers(resolution: float) -> None:
     async def main() -> int:
         loop = asyncio.get_running_loop()
         timers = CoarseTimers(loop, resolution=resolution)
-        start = time.monotonic()
         count = 0
         hit = asyncio.Event()
 
@@ -128,7 +126,6 @@ def test_coarse_timer_many_share_few_loop_timers(resolution: float) -> None:
             timers.call_at(base, fire)
         assert len(timers._slots) == 1
         await asyncio.wait_for(hit.wait(), 5)
-        assert time.monotonic() - start < 5
         return count
 
     assert asyncio.run(main()) == 1000

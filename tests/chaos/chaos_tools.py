@@ -29,7 +29,7 @@ from typing import Any
 
 import h11
 import psutil  # type: ignore[import-untyped]
-from servers import HOST, TESTS_DIR, RawResponse, UpstreamProcess, free_port, wait_until
+from servers import HOST, TESTS_DIR, RawResponse, UpstreamProcess, free_port, listening_socket, wait_until
 
 CHAOS_DIR = Path(__file__).resolve().parent
 MiB = 1024 * 1024
@@ -397,11 +397,7 @@ class ScriptedServer:
         self.requests: collections.Counter[str] = collections.Counter()
         self.stopping = threading.Event()
         self._lock = threading.Lock()
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((HOST, 0))
-        self.listener.listen(128)
-        self.listener.settimeout(0.1)
+        self.listener = listening_socket(128)
         self.port: int = self.listener.getsockname()[1]
         self._threads: list[threading.Thread] = []
         self._acceptor = threading.Thread(target=self._accept, name=f"scripted-{self.port}", daemon=True)

@@ -189,7 +189,7 @@ class Gateway:
         try:
             match = self.router.match(method, host, raw_path)
         except BadRequest as exc:
-            await send_error(send, exc, make_request_id())
+            await send_error(send, exc, _request_id_of(scope))
             return
         if match is None:
             if self.app is not None:
@@ -326,6 +326,15 @@ def _host_of(scope: Scope) -> str | None:
                 return host[: host.find("]") + 1]
             return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
     return None
+
+
+def _request_id_of(scope: Scope) -> str:
+    """The client's X-Request-Id when it is sane, else a new one (off the proxied path)."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and sane_request_id(value):
+            request_id: str = value.decode("ascii")
+            return request_id
+    return make_request_id()
 
 
 def _content_length(value: bytes | None, transfer_encoding: bytes | None = None) -> int | None:

@@ -13,7 +13,7 @@ from typing import Any, Final
 import anyio
 
 from ._exceptions import GatewayError, PayloadTooLarge, UpstreamError, error_response
-from ._loop import coarse_timers, running_task
+from ._loop import CoarseTimer, coarse_timers, running_task
 from ._types import BufferedStream, Handler, Headers, Request, RequestBody
 
 __all__ = ["ClientDisconnected", "TrustedProxies", "relay"]
@@ -38,10 +38,14 @@ HOP_BY_HOP: Final = frozenset(
 # Set by the gateway itself on the way up: whatever the client sent under these names is replaced.
 # Expect is answered by the server in front of us, which then reads the body for us.
 _REPLACED_UP: Final = HOP_BY_HOP | {b"host", b"content-length", b"x-request-id", b"expect"}
-_FORWARDED_UP: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+_FORWARDED_UP: Final = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
+)
 # The server in front of the gateway always adds its own Date; two would be invalid.
 _REPLACED_DOWN: Final = HOP_BY_HOP | {b"x-request-id", b"date"}
 _REQUEST_ID_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+=/")
+# Statuses whose responses never have a body (RFC 9110 6.4.1).
+_BODILESS: Final = frozenset({*range(100, 200), 204, 304})
 _NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
 
@@ -180,6 +184,10 @@ def upstream_headers(
                 forwarded_proto = value
             elif name == b"x-forwarded-host":
                 forwarded_host = value
+            elif trusted:
+                # Forwarded and X-Real-IP name the client too: an upstream that believes them
+                # must only ever see a trusted proxy's, as with X-Forwarded-*.
+                kept.append((name, value))
             continue
         kept.append((name, value))
     if dropped:
@@ -230,7 +238,9 @@ async def read_body(
     chunks: list[bytes] = []
     size = 0
     more = True
-    if length is None or length <= keep:
+    # With nothing to keep for replay, the first message is still read: a small body comes
+    # whole in it, and is then sent in one write like any buffered body.
+    if length is None or length <= keep or keep == 0:
         while more and size <= keep:
             chunk, more = await _receive_chunk(receive)
             if chunk:
@@ -290,32 +300,42 @@ def relay(
     never passed off as complete. (A plain function handing back the coroutine that
     does the work: one coroutine fewer to resume on every wake-up.)
     """
-    if not body_done:
-        # The request body is still streaming up: receive() is not ours to watch.
-        return _relay(handler, request, send, None)
     # With the request body read, the only message left to receive is the disconnect;
     # waiting for it lets a client that leaves cancel the upstream request at any point.
+    # (Servers do not tell from send(): uvicorn's returns quietly once the client is gone.)
+    # A body still streaming up is the transport's to receive until it ends.
     task = running_task()
     if task is None:
-        return _relay_watching_anyio(handler, request, receive, send)
+        return _relay_watching_anyio(handler, request, receive, send, body_done)
     request.exchange.task = task
-    return _relay(handler, request, send, _Watch(receive, task))
+    watch = _Watch(receive, task)
+    if body_done:
+        watch.arm()
+    else:
+        request.body.on_end(watch.arm)
+    return _relay(handler, request, send, watch)
 
 
 class _Watch:
     """A lazily started wait for the client's disconnect, on asyncio."""
 
-    __slots__ = ("closing", "disconnected", "receive", "task", "timer", "waiter")
+    __slots__ = ("closing", "disconnected", "receive", "stopped", "task", "timer", "waiter")
 
     def __init__(self, receive: ASGIReceive, task: asyncio.Task[Any]) -> None:
         self.receive = receive
         self.task = task
         self.waiter: asyncio.Future[Any] | None = None
+        self.timer: CoarseTimer | None = None
         self.disconnected = False
         #: Set while the response is being closed: that must not be interrupted.
         self.closing = False
-        loop = task.get_loop()
-        self.timer = coarse_timers(loop).call_at(loop.time() + _WATCH_DELAY, self.start)
+        self.stopped = False
+
+    def arm(self) -> None:
+        """Start watching soon: receive() is ours from now on."""
+        if not self.stopped:
+            loop = self.task.get_loop()
+            self.timer = coarse_timers(loop).call_at(loop.time() + _WATCH_DELAY, self.start)
 
     def start(self) -> None:
         self.waiter = asyncio.ensure_future(self.receive(), loop=self.task.get_loop())
@@ -332,7 +352,9 @@ class _Watch:
             self.task.cancel()
 
     def stop(self) -> None:
-        self.timer.cancel()
+        self.stopped = True
+        if self.timer is not None:
+            self.timer.cancel()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.remove_done_callback(self._received)
@@ -345,13 +367,19 @@ _WATCH_DELAY: Final = 0.05
 
 
 async def _relay_watching_anyio(
-    handler: Handler, request: Request, receive: ASGIReceive, send: ASGISend
+    handler: Handler, request: Request, receive: ASGIReceive, send: ASGISend, body_done: bool
 ) -> tuple[int, BaseException | None]:
     disconnected = False
     outcome: tuple[int, BaseException | None] = (499, None)
+    body_read = anyio.Event()
+    if body_done:
+        body_read.set()
+    else:
+        request.body.on_end(body_read.set)
 
     async def watch(scope: anyio.CancelScope) -> None:
         nonlocal disconnected
+        await body_read.wait()
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -392,11 +420,20 @@ async def _relay(
             return 499, exc
         error: BaseException | None = None
         try:
+            status = response.status
             headers = downstream_headers(response.headers, exchange.request_id.encode())
-            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            if status in _BODILESS:
+                # RFC 9110 allows a 304 the Content-Length of the body it stands for, but
+                # servers in front count it against the (empty) body sent: uvicorn's httptools
+                # protocol fails the response and drops the connection. These have no body.
+                headers = [pair for pair in headers if pair[0] != b"content-length"]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
             exchange.committed = True
             stream = response.stream
-            if type(stream) is BufferedStream:
+            if status in _BODILESS or request.method == "HEAD":
+                # Whatever an upstream sends after such a head is not a body (RFC 9112 6.3).
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif type(stream) is BufferedStream:
                 # The whole body is here already: one message, not a chunk and then the end.
                 await send({"type": "http.response.body", "body": stream.take(), "more_body": False})
             else:

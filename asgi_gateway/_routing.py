@@ -112,10 +112,24 @@ class Router:
 
     def _match_general(self, method: str, host: str | None, raw_path: bytes) -> tuple[Route, bytes] | None:
         """`match` for any path: dot segments resolved, segments decoded, readings compared."""
+        if raw_path == b"*":
+            # The asterisk form (`OPTIONS *`, RFC 9112 3.2.4) is about the server as a whole:
+            # no route is, so it goes to the app.
+            return None
         path = resolve_dot_segments(raw_path)
         if not path.startswith(b"/"):
             raise BadRequest("the request path must start with '/'")
         ambiguous = b"%" in path or b"\\" in path or b";" in path
+        if b"//" in path:
+            # Many servers and frameworks read empty segments away, as nginx's merge_slashes
+            # does: "//api/users" is "/api/users" to them. When that reading picks another
+            # route, it is the one taken, and the path goes upstream merged, so an upstream
+            # never sees a path of another route than the one the gateway applied.
+            merged = _merge_slashes(path)
+            if self._decoded_lookup(merged, method, host, ambiguous) is not self._decoded_lookup(
+                path, method, host, ambiguous
+            ):
+                path = merged
         raw_segments = path.split(b"/")[1:]
         if ambiguous:
             segments = [unquote_to_bytes(part) for part in raw_segments]
@@ -136,6 +150,10 @@ class Router:
             rest = b"/".join(raw_segments[len(route.segments) :])
             path = b"/" + rest
         return route, path
+
+    def _decoded_lookup(self, path: bytes, method: str, host: str | None, decode: bool) -> Route | None:
+        parts = path.split(b"/")[1:]
+        return self._lookup([unquote_to_bytes(part) for part in parts] if decode else parts, method, host)
 
     def _match_plain(self, method: str, host: str | None, path: bytes) -> tuple[Route, bytes] | None:
         """`match` for a path with no empty, dot or encoded segment (the same answer, faster)."""
@@ -162,6 +180,12 @@ class Router:
         if best.strip_prefix and best_prefix:
             return best, path[len(best_prefix) :] or b"/"
         return best, path
+
+
+def _merge_slashes(path: bytes) -> bytes:
+    while b"//" in path:
+        path = path.replace(b"//", b"/")
+    return path
 
 
 def _variants(path: bytes) -> list[bytes]:

@@ -77,7 +77,7 @@ class RequestBody:
     (sent as Content-Length), else None (sent chunked).
     """
 
-    __slots__ = ("_rest", "chunks", "length", "started")
+    __slots__ = ("_ended", "_on_end", "_rest", "chunks", "length", "started")
 
     def __init__(
         self,
@@ -89,6 +89,28 @@ class RequestBody:
         self.length = length
         self._rest = rest
         self.started = False
+        self._ended = rest is None
+        self._on_end: list[Callable[[], object]] | None = None
+
+    def on_end(self, callback: Callable[[], object]) -> None:
+        """Call `callback()` once the client's body is no longer being read.
+
+        That is once a streamed body has been read to its end, or given up (an upstream
+        that answered early, a failed send); at once for a body read in advance.
+        """
+        if self._ended:
+            callback()
+        elif self._on_end is None:
+            self._on_end = [callback]
+        else:
+            self._on_end.append(callback)
+
+    def _end(self) -> None:
+        self._ended = True
+        callbacks, self._on_end = self._on_end, None
+        if callbacks is not None:
+            for callback in callbacks:
+                callback()
 
     @property
     def replayable(self) -> bool:
@@ -102,16 +124,31 @@ class RequestBody:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[bytes]:
-        if self.started and self._rest is not None:
-            raise RuntimeError("a streamed request body cannot be sent twice")
-        self.started = True
-        for chunk in self.chunks:
-            if chunk:
-                yield chunk
-        if self._rest is not None:
-            async for chunk in self._rest:
+        rest = self._rest
+        if rest is None:
+            for chunk in self.chunks:
                 if chunk:
                     yield chunk
+            return
+        if self.started:
+            raise RuntimeError("a streamed request body cannot be sent twice")
+        self.started = True
+        try:
+            for chunk in self.chunks:
+                if chunk:
+                    yield chunk
+            async for chunk in rest:
+                if chunk:
+                    yield chunk
+        finally:
+            try:
+                # Given up early, the client's body stops being read here and now, before
+                # anything else may receive from the client.
+                aclose = getattr(rest, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                self._end()
 
 
 EMPTY_BODY_CHUNKS: list[bytes] = []

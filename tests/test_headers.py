@@ -174,6 +174,27 @@ def test_x_forwarded_for_with_a_non_matching_trusted_list_is_replaced(
     assert forwarded_for(seen) == ["127.0.0.1"]
 
 
+def test_forwarded_and_x_real_ip_from_an_untrusted_client_are_removed(gateway: str) -> None:
+    # They name the client as X-Forwarded-For does: an upstream believing them could be fooled.
+    seen = upstream_headers(
+        send(gateway, b"/echo", ("Forwarded", "for=6.6.6.6;proto=https"), ("X-Real-IP", "6.6.6.6"))
+    )
+    assert values(seen, "forwarded") == []
+    assert values(seen, "x-real-ip") == []
+    assert forwarded_for(seen) == ["127.0.0.1"]
+
+
+def test_forwarded_and_x_real_ip_from_a_trusted_proxy_are_kept(
+    upstreams: Upstreams, gateway_factory: Callable[..., str]
+) -> None:
+    url = gateway_factory(config(upstreams, trusted_proxies=["127.0.0.1"]))
+    seen = upstream_headers(
+        send(url, b"/echo", ("Forwarded", "for=6.6.6.6;proto=https"), ("X-Real-IP", "6.6.6.6"))
+    )
+    assert values(seen, "forwarded") == ["for=6.6.6.6;proto=https"]
+    assert values(seen, "x-real-ip") == ["6.6.6.6"]
+
+
 def test_x_forwarded_proto_and_host_are_set(gateway: str) -> None:
     seen = upstream_headers(
         send(
@@ -222,6 +243,14 @@ def test_insane_request_id_is_replaced(gateway: str, request_id: str) -> None:
     assert upstream_ids[0] != request_id
     assert re.fullmatch(r"[A-Za-z0-9._-]{8,128}", upstream_ids[0]), upstream_ids
     assert response.header_list("x-request-id") == [upstream_ids[0].encode()]
+
+
+def test_sane_request_id_is_kept_on_the_ambiguous_path_answer(gateway: str) -> None:
+    # "/stripped%2Fx" reads as another route once decoded: refused, with the client's own id.
+    response = send(gateway, b"/stripped%2Fx", ("X-Request-Id", "client-id-42"))
+    assert response.status == 400, response.body
+    assert response.json()["request_id"] == "client-id-42"
+    assert response.header_list("x-request-id") == [b"client-id-42"]
 
 
 def test_request_id_is_generated_and_returned(gateway: str) -> None:

@@ -5,7 +5,10 @@ Every test goes through a real gateway (uvicorn in a thread) to real upstream pr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +18,7 @@ from servers import (
     RawConnection,
     Upstreams,
     http_client,
+    listening_socket,
     make_host_app,
     raw_request,
     serve_app,
@@ -302,3 +306,150 @@ def test_cookies_never_cross_clients(upstreams: Upstreams, gateway_factory: Call
         for _ in range(3):
             assert bob.get("/cookies").json()["cookies"] == []
         assert bob.get("/cookies", headers={"cookie": "mine=1"}).json()["cookies"] == ["mine=1"]
+
+
+# -- answers that have no body ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def canned_upstream(answer: bytes) -> Iterator[str]:
+    """A raw upstream that reads each request head and writes `answer`, keeping the connection."""
+    listener = listening_socket(16)
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(5.0)
+            data = b""
+            while not stop.is_set():
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+                while b"\r\n\r\n" in data:
+                    _, data = data.split(b"\r\n\r\n", 1)
+                    conn.sendall(answer)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        acceptor.join(5)
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # RFC 9110 8.6: a 304 may carry the Content-Length of the body it stands for.
+        b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 1234\r\n\r\n',
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+    ids=["304-with-length", "204-with-length", "204-chunked"],
+)
+def test_bodiless_answers_keep_the_client_connection(
+    serve: Callable[..., str], transport_kind: str, answer: bytes
+) -> None:
+    status = int(answer.split(b" ")[1])
+    with canned_upstream(answer) as upstream:
+        config = {
+            "routes": [{"path": "/", "upstream": "raw"}],
+            "upstreams": {"raw": {"servers": [{"url": upstream}]}},
+        }
+        gateway = serve(make_host_app(config, **transport_kwargs(transport_kind)))
+        with RawConnection.to(gateway) as conn:
+            for _ in range(2):
+                conn.send(b'GET /thing HTTP/1.1\r\nHost: x\r\nIf-None-Match: "v1"\r\n\r\n')
+                response = conn.read_response()
+                assert response.status == status
+                assert response.complete
+                assert response.body == b""
+                assert response.header("content-length") is None
+
+
+def test_head_answer_with_content_length_keeps_the_client_connection(
+    serve: Callable[..., str], transport_kind: str
+) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5000\r\n\r\n"
+    with canned_upstream(answer) as upstream:
+        config = {
+            "routes": [{"path": "/", "upstream": "raw"}],
+            "upstreams": {"raw": {"servers": [{"url": upstream}]}},
+        }
+        gateway = serve(make_host_app(config, **transport_kwargs(transport_kind)))
+        with RawConnection.to(gateway) as conn:
+            for _ in range(2):
+                conn.send(b"HEAD /thing HTTP/1.1\r\nHost: x\r\n\r\n")
+                response = conn.read_response()
+                assert response.status == 200
+                assert response.complete
+                assert response.header("content-length") == b"5000"
+
+
+# -- the asterisk form, empty segments --------------------------------------------------------
+
+
+def test_options_asterisk_reaches_the_host_app(
+    upstreams: Upstreams, serve: Callable[..., str], transport_kind: str
+) -> None:
+    from asgi_gateway import GatewayMiddleware
+
+    async def host_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        # A server-wide OPTIONS answer, as the asterisk form asks for (RFC 9110 9.3.7).
+        body = f"{scope['method']} {scope['raw_path'].decode()}".encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"allow", b"GET, POST")]})
+        await send({"type": "http.response.body", "body": body})
+
+    gateway = serve(
+        GatewayMiddleware(host_app, config=routing_config(upstreams), **transport_kwargs(transport_kind))
+    )
+    response = raw_request(gateway, method="OPTIONS", target=b"*")
+    assert response.status == 200, response.body
+    assert response.body == b"OPTIONS *"
+    assert sum(upstream.stats()["total"] for upstream in upstreams) == 0
+
+
+def test_options_asterisk_on_a_standalone_gateway_is_not_found(
+    upstreams: Upstreams, standalone_gateway_factory: Callable[..., str]
+) -> None:
+    gateway = standalone_gateway_factory(routing_config(upstreams))
+    response = raw_request(gateway, method="OPTIONS", target=b"*")
+    assert response.status == 404
+    assert response.json()["error"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("target", "expected", "upstream_path"),
+    [
+        # Merged, these read as another route's path: that route takes them, merged.
+        (b"//api/users/7", "u1", "/api/users/7"),
+        (b"/api//users/7", "u1", "/api/users/7"),
+        (b"/api/stripped//7", "u2", "//7"),
+        (b"//api//stripped/7", "u2", "/7"),
+        # The same route either way: the path goes as it came.
+        (b"/api/users//7", "u1", "/api/users//7"),
+        (b"/api/other//x", "u3", "/api/other//x"),
+    ],
+)
+def test_empty_segments_are_merged_for_matching(
+    routing_gateway: str, target: bytes, expected: str, upstream_path: str
+) -> None:
+    response = raw_request(routing_gateway, target=target)
+    assert response.status == 200, response.body
+    assert where(response) == expected
+    assert response.json()["raw_path"] == upstream_path

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 
 from asgi_gateway._config import ServerConfig, UpstreamConfig
@@ -90,3 +91,71 @@ async def test_oserror_sending_the_body_is_a_client_disconnect() -> None:
     assert status == 200 and isinstance(error, ClientDisconnected)
     assert stream.closed
     assert send.sent == ["http.response.start"]
+
+
+class _Endless:
+    """A response body that never ends (server-sent events, say)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class _ReadsBodyThenAnswers(Handler):
+    def __init__(self, response: Response) -> None:
+        self.response = response
+        self.body = b""
+
+    async def handle_request(self, request: Request) -> Response:
+        self.body = b"".join([chunk async for chunk in request.body])
+        return self.response
+
+
+@pytest.mark.anyio
+async def test_client_leaving_after_a_streamed_body_ends_the_relay() -> None:
+    # The disconnect is only received once the streamed body has been read by the transport.
+    messages = [
+        {"type": "http.request", "body": b"one", "more_body": True},
+        {"type": "http.request", "body": b"two", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+    disconnect_read = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not messages:
+            await anyio.sleep_forever()
+        message = messages.pop(0)
+        if message["type"] == "http.disconnect":
+            disconnect_read.set()
+        return message
+
+    async def rest() -> AsyncIterator[bytes]:
+        while True:
+            message = await receive()
+            yield message["body"]
+            if not message["more_body"]:
+                return
+
+    stream = _Endless()
+    handler = _ReadsBodyThenAnswers(Response(200, [], stream))
+    request = _request()
+    request.body = RequestBody([], None, rest())
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(5):
+        status, error = await relay(handler, request, receive, send, False)
+    assert status == 499 and isinstance(error, ClientDisconnected)
+    assert handler.body == b"onetwo"
+    assert disconnect_read.is_set() and stream.closed

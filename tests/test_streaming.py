@@ -238,3 +238,90 @@ def test_server_sent_events_client_disconnect_cancels_the_stream(upstreams: Upst
         response = conn.read_response(max_body=1)
         assert response.status == 200
     upstreams.u1.wait_disconnects("sse")
+
+
+# -- a client that leaves after its streamed body ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single_try_gateway(upstreams: Upstreams, transport_kind: str) -> Iterator[str]:
+    config = one_upstream_config(upstreams.u1.url, retry={"attempts": 1})
+    with serve_app(make_host_app(config, **transport_kwargs(transport_kind))) as url:
+        yield url
+
+
+def test_client_leaving_after_a_streamed_body_cancels_the_stream(upstreams: Upstreams, gateway: str) -> None:
+    # 70,000 bytes are over the default buffer_limit: the body streams up, and the upstream
+    # answers with an endless stream once it has read it.
+    body = pattern_block(70_000)
+    with RawConnection.to(gateway) as conn:
+        conn.send(b"POST /sse?n=10&gate=never HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n" + body)
+        response = conn.read_response(max_body=1)
+        assert response.status == 200
+    upstreams.u1.wait_disconnects("sse")
+
+
+def test_client_leaving_after_a_streamed_body_without_retries(
+    upstreams: Upstreams, single_try_gateway: str
+) -> None:
+    with RawConnection.to(single_try_gateway) as conn:
+        conn.send(
+            b"POST /sse?n=10&gate=never HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        # The upstream has the request while its body is still unfinished: it is streamed.
+        wait_until(
+            lambda: upstreams.u1.stats()["in_flight"].get("sse") == 1,
+            message="the request to start upstream",
+        )
+        conn.send(b"0\r\n\r\n")
+        response = conn.read_response(max_body=1)
+        assert response.status == 200
+    upstreams.u1.wait_disconnects("sse")
+
+
+def test_small_body_without_retries_still_notices_the_client_leaving(
+    upstreams: Upstreams, single_try_gateway: str
+) -> None:
+    with RawConnection.to(single_try_gateway) as conn:
+        conn.send(b"POST /sse?n=10&gate=never HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        response = conn.read_response(max_body=1)
+        assert response.status == 200
+    upstreams.u1.wait_disconnects("sse")
+
+
+# -- timeouts.total starts once the request body is in ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_total_gateway(upstreams: Upstreams, transport_kind: str) -> Iterator[str]:
+    config = one_upstream_config(upstreams.u1.url, timeouts={"total": 1.0})
+    with serve_app(make_host_app(config, **transport_kwargs(transport_kind))) as url:
+        yield url
+
+
+def test_total_timeout_does_not_time_the_clients_upload(short_total_gateway: str) -> None:
+    # 100 KB (over buffer_limit, so streamed) sent over about 2 s to a healthy upstream.
+    piece = pattern_block(10_000)
+    sent = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        for i in range(10):
+            if i:
+                sent.wait(0.2)  # pacing the upload, not waiting for anything
+            yield piece
+
+    started = time.monotonic()
+    with http_client(short_total_gateway, timeout=30) as client:
+        response = client.post("/upload", content=body(), headers={"content-length": "100000"})
+    assert time.monotonic() - started > 1.5
+    assert response.status_code == 200, response.text
+    assert response.json()["length"] == 100_000
+
+
+def test_total_timeout_still_bounds_the_wait_after_a_streamed_upload(short_total_gateway: str) -> None:
+    started = time.monotonic()
+    with http_client(short_total_gateway, timeout=30) as client:
+        response = client.post("/slow?delay=10", content=pattern_block(70_000))
+    assert response.status_code == 504, response.text
+    assert response.json()["error"] == "gateway_timeout"
+    assert time.monotonic() - started < 5

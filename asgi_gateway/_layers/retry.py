@@ -15,13 +15,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
-from typing import Final
+from typing import Any, Final
 
 import anyio
 
 from .._config import UpstreamConfig
 from .._exceptions import ConcurrencyLimitExceeded, TotalTimeout, UpstreamError
-from .._loop import coarse_timers, running_task
+from .._loop import CoarseTimer, coarse_timers, running_task
 from .._types import IDEMPOTENT_METHODS, NULL_EVENTS, GatewayEvents, Handler, Request, Response, may_resend
 
 __all__ = ["IDEMPOTENT_METHODS", "RetryBudget", "RetryLayer", "may_resend"]
@@ -100,6 +100,34 @@ class RetryBudget:
         """Retries granted in the current window."""
         self._advance()
         return sum(self._retries)
+
+
+class _LateDeadline:
+    """A total deadline that starts when the request body has been received."""
+
+    __slots__ = ("_loop", "_task", "_timer", "_total", "fired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, total: float, task: asyncio.Task[Any]) -> None:
+        self._loop = loop
+        self._total = total
+        self._task: asyncio.Task[Any] | None = task
+        self._timer: CoarseTimer | None = None
+        self.fired = False
+
+    def arm(self) -> None:
+        if self._task is not None:
+            self._timer = coarse_timers(self._loop).call_at(self._loop.time() + self._total, self._fire)
+
+    def _fire(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            self.fired = True
+            task.cancel()
+
+    def cancel(self) -> None:
+        self._task = None
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def _retry_after(response: Response) -> float | None:
@@ -184,9 +212,18 @@ class RetryLayer(Handler):
                 # What asyncio.timeout_at() does, without its look-ups of the running loop and
                 # task (the relay knows its task), and on a coarse timer.
                 loop = task.get_loop()
-                deadline = loop.time() + self._total
                 cancelling = task.cancelling()
-                timer = coarse_timers(loop).call_at(deadline, task.cancel)
+                timer: CoarseTimer | _LateDeadline
+                if request.body.replayable:
+                    deadline = loop.time() + self._total
+                    timer = coarse_timers(loop).call_at(deadline, task.cancel)
+                else:
+                    # The client's own upload is not the upstream's time: as Envoy's route
+                    # timeout, the deadline starts once the whole body has been received. (A
+                    # body streaming up cannot be sent again, so no retry plans against it.)
+                    deadline = math.inf
+                    timer = _LateDeadline(loop, self._total, task)
+                    request.body.on_end(timer.arm)
                 try:
                     # The first attempt, here rather than in a coroutine of its own: most
                     # requests make no other.
@@ -222,9 +259,26 @@ class RetryLayer(Handler):
         self.in_flight -= 1
 
     async def _send_anyio(self, request: Request) -> Response:
-        deadline = anyio.current_time() + self._total
-        with anyio.CancelScope(deadline=deadline) as scope:
-            return await self._attempts_loop(request, deadline)
+        if request.body.replayable:
+            deadline = anyio.current_time() + self._total
+            scope = anyio.CancelScope(deadline=deadline)
+        else:
+            # As on asyncio: from the end of the client's upload.
+            deadline = math.inf
+            scope = anyio.CancelScope()
+            total = self._total
+            running = True
+
+            def arm() -> None:
+                if running:
+                    scope.deadline = anyio.current_time() + total
+
+            request.body.on_end(arm)
+        with scope:
+            try:
+                return await self._attempts_loop(request, deadline)
+            finally:
+                running = False
         # Only reached when the deadline cancelled the loop; an outer cancellation propagates.
         assert scope.cancelled_caught
         raise self._total_timeout(request)

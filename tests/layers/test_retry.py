@@ -703,6 +703,69 @@ async def test_total_deadline_covers_every_attempt_and_backoff() -> None:
     assert request.exchange.attempts == 3
 
 
+async def slow_upload(pieces: int, delay: float) -> AsyncIterator[bytes]:
+    for _ in range(pieces):
+        await anyio.sleep(delay)
+        yield b"x" * 100
+
+
+@pytest.mark.anyio
+async def test_total_deadline_starts_once_a_streamed_body_is_in() -> None:
+    async def reads_body_then_answers(request: Request) -> Response:
+        async for _ in request.body:
+            pass
+        await anyio.sleep(0.1)
+        return make_response(200)
+
+    retry, _, _ = layer(ScriptedInner(reads_body_then_answers), upstream(total=0.3))
+    body = RequestBody([], None, rest=slow_upload(5, 0.1))  # 0.5 s of upload, past the 0.3 s total
+    response = await retry.handle_request(make_request("POST", body=body))
+    assert response.status == 200
+
+
+@pytest.mark.anyio
+async def test_total_deadline_after_a_streamed_body_still_fires() -> None:
+    cancelled = anyio.Event()
+
+    async def reads_body_then_hangs(request: Request) -> Response:
+        async for _ in request.body:
+            pass
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+        raise AssertionError("unreachable")
+
+    retry, _, _ = layer(ScriptedInner(reads_body_then_hangs), upstream(total=0.2))
+    body = RequestBody([], None, rest=slow_upload(3, 0.1))
+    start = time.monotonic()
+    with pytest.raises(TotalTimeout):
+        await retry.handle_request(make_request("POST", body=body))
+    # 0.3 s of upload, then the 0.2 s deadline.
+    assert 0.49 <= time.monotonic() - start < 0.8
+    assert cancelled.is_set()
+    assert retry.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_deadline_armed_after_an_early_answer_does_nothing() -> None:
+    # The answer comes before the body has ended; the body given up later must not arm a
+    # deadline that would cancel whatever the task does next.
+    body = RequestBody([], None, rest=slow_upload(3, 0.01))
+
+    async def answers_early(request: Request) -> Response:
+        return make_response(401)
+
+    retry, _, _ = layer(ScriptedInner(answers_early), upstream(total=0.05))
+    response = await retry.handle_request(make_request("POST", body=body))
+    assert response.status == 401
+    iterator = body.__aiter__()
+    await iterator.__anext__()
+    await iterator.aclose()  # the body is given up now
+    await anyio.sleep(0.15)  # three times the total: no cancellation reaches us
+    assert response.status == 401
+
+
 @pytest.mark.anyio
 async def test_backoff_past_the_deadline_gives_the_real_error() -> None:
     error = ConnectError("refused")

@@ -99,12 +99,20 @@ def _configure_logging(spec: str) -> None:
     logging.getLogger("asgi_gateway.access").setLevel(logging.INFO if access == "on" else logging.WARNING)
 
 
+def _invalid(path: str, exc: ConfigError) -> str:
+    """One line for a single error; else a count, then one indented line per error."""
+    if len(exc.errors) == 1:
+        return f"asgi-gateway: invalid config {path}: {exc}"
+    lines = (f"  {where}: {message}" if where else f"  {message}" for where, message in exc.errors)
+    return "\n".join((f"asgi-gateway: invalid config {path}: {len(exc.errors)} errors", *lines))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"asgi-gateway: invalid config {args.config}: {exc}", file=sys.stderr)
+        print(_invalid(args.config, exc), file=sys.stderr)
         return 2
     if args.command == "check":
         print(f"{args.config}: OK")

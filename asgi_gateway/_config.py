@@ -7,7 +7,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -143,8 +143,8 @@ class GatewayConfig:
 def load_config(source: GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]) -> GatewayConfig:
     """Build a validated `GatewayConfig` from a mapping, a file path or a config object.
 
-    Files may be `.toml`, `.yaml`/`.yml` or `.json`. Raises `ConfigError`, whose
-    message names the offending key path and value.
+    Files may be `.toml`, `.yaml`/`.yml` or `.json`. Raises one `ConfigError` naming every
+    bad key path and value found; a file that cannot be read or parsed is a single error.
     """
     if isinstance(source, GatewayConfig):
         return source
@@ -186,18 +186,55 @@ def _read_file(path: str) -> Any:
     raise ConfigError("", f"config file {path!r} must end in .toml, .yaml, .yml or .json")
 
 
-class _Reader:
-    """Reads one mapping, checking types and refusing unknown keys."""
+class _Errors:
+    """Collects every error of one config, so that a single `ConfigError` names them all.
 
-    def __init__(self, data: Any, path: str, allowed: Sequence[str]) -> None:
+    An error at a key path inside or around one already reported is dropped: it follows from
+    the first (a server list that is not a list has no servers; an upstream that is not a
+    mapping has no `servers` key), and a user fixing the first would never see it.
+    """
+
+    __slots__ = ("found",)
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, str]] = []
+
+    def add(self, path: str, message: str) -> None:
+        if not self.reported(path):
+            self.found.append((path, message))
+
+    def reported(self, path: str) -> bool:
+        """True if an error was reported at `path`, at a key around it or at one inside it."""
+        return any(_nested(seen, path) or _nested(path, seen) for seen, _ in self.found)
+
+    def raise_any(self) -> None:
+        if self.found:
+            first, *more = self.found
+            raise ConfigError(*first, *more)
+
+
+def _nested(outer: str, inner: str) -> bool:
+    """True if key path `inner` is `outer` or lies inside it (`a.b` in `a`, `a[0]` in `a`)."""
+    return inner.startswith(outer) and (len(inner) == len(outer) or inner[len(outer)] in ".[")
+
+
+class _Reader:
+    """Reads one mapping, checking types and refusing unknown keys.
+
+    A bad value is reported to `errors` and read as the default, so that the rest of the
+    config is still checked; what was read is thrown away if any error was reported.
+    """
+
+    def __init__(self, data: Any, path: str, allowed: Sequence[str], errors: _Errors) -> None:
+        self.errors = errors
+        self.path = path
         if not isinstance(data, Mapping):
-            raise ConfigError(path or "config", f"{data!r} is not a mapping")
+            errors.add(path or "config", f"{data!r} is not a mapping")
+            data = {}
         for key in data:
             if key not in allowed:
-                where = f"{path}.{key}" if path else str(key)
-                raise ConfigError(where, f"unknown key (allowed: {', '.join(allowed)})")
-        self.data = data
-        self.path = path
+                errors.add(self.where(str(key)), f"unknown key (allowed: {', '.join(allowed)})")
+        self.data: Mapping[Any, Any] = data
 
     def where(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -211,36 +248,42 @@ class _Reader:
     def boolean(self, key: str, default: bool) -> bool:
         value = self.data.get(key, default)
         if not isinstance(value, bool):
-            raise ConfigError(self.where(key), f"{value!r} is not true or false")
+            self.errors.add(self.where(key), f"{value!r} is not true or false")
+            return default
         return value
 
     def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
         if key not in self.data:
             if required:
-                raise ConfigError(self.where(key), "is required")
+                self.errors.add(self.where(key), "is required")
             return default
         value = self.data[key]
         if value is None and not required:
             return None
         if not isinstance(value, str) or not value:
-            raise ConfigError(self.where(key), f"{value!r} is not a non-empty string")
+            self.errors.add(self.where(key), f"{value!r} is not a non-empty string")
+            return default
         return value
 
     def number(self, key: str, default: float, *, minimum: float = 0.0, strict: bool = True) -> float:
         value = self.data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(self.where(key), f"{value!r} is not a number")
+            self.errors.add(self.where(key), f"{value!r} is not a number")
+            return float(default)
         if value < minimum or (strict and value == minimum):
             bound = "greater than" if strict else "at least"
-            raise ConfigError(self.where(key), f"{value!r} must be {bound} {minimum:g}")
+            self.errors.add(self.where(key), f"{value!r} must be {bound} {minimum:g}")
+            return float(default)
         return float(value)
 
     def integer(self, key: str, default: int, *, minimum: int = 1) -> int:
         value = self.data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.where(key), f"{value!r} is not an integer")
+            self.errors.add(self.where(key), f"{value!r} is not an integer")
+            return default
         if value < minimum:
-            raise ConfigError(self.where(key), f"{value!r} must be at least {minimum}")
+            self.errors.add(self.where(key), f"{value!r} must be at least {minimum}")
+            return default
         return value
 
 
@@ -257,33 +300,60 @@ def _optional_section(reader: _Reader, key: str, on_by_default: bool) -> tuple[b
 
 
 def from_mapping(data: Any) -> GatewayConfig:
-    """Build a `GatewayConfig` from plain data (the schema of DESIGN.md)."""
+    """Build a `GatewayConfig` from plain data (the schema of DESIGN.md).
+
+    Every section is read and checked even after an error, and one `ConfigError` names them all.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError("config", f"{data!r} is not a mapping")
+    errors = _Errors()
     top = _Reader(
         data,
         "",
         ("routes", "upstreams", "max_body_size", "preserve_host", "trusted_proxies", "status_path"),
+        errors,
     )
     raw_upstreams = top.raw("upstreams")
-    if not isinstance(raw_upstreams, Mapping) or not raw_upstreams:
-        raise ConfigError("upstreams", f"{raw_upstreams!r} must be a non-empty mapping of upstream names")
-    upstreams = {str(name): _upstream(str(name), spec) for name, spec in raw_upstreams.items()}
+    # Routes are checked against the upstream names even when an upstream's own spec is bad;
+    # with no usable `upstreams` at all, "not a configured upstream" would only repeat that.
+    valid_upstreams = isinstance(raw_upstreams, Mapping) and bool(raw_upstreams)
+    names = [str(name) for name in raw_upstreams] if valid_upstreams else None
 
+    routes: list[RouteConfig] = []
     raw_routes = top.raw("routes")
     if not isinstance(raw_routes, list) or not raw_routes:
-        raise ConfigError("routes", f"{raw_routes!r} must be a non-empty list")
-    routes = tuple(_route(f"routes[{i}]", spec) for i, spec in enumerate(raw_routes))
+        errors.add("routes", f"{raw_routes!r} must be a non-empty list")
+    else:
+        for i, spec in enumerate(raw_routes):
+            route = _route(f"routes[{i}]", spec, errors)
+            _check_route(f"routes[{i}]", route, names, errors)
+            routes.append(route)
+
+    upstreams: dict[str, UpstreamConfig] = {}
+    if not valid_upstreams:
+        errors.add("upstreams", f"{raw_upstreams!r} must be a non-empty mapping of upstream names")
+    else:
+        for name, spec in raw_upstreams.items():
+            upstream = _upstream(str(name), spec, errors)
+            _check_upstream(f"upstreams.{name}", upstream, errors)
+            upstreams[str(name)] = upstream
 
     max_body_size = _max_body_size(top, 10 * 1024 * 1024)
     trusted = top.raw("trusted_proxies", [])
     if not isinstance(trusted, list) or not all(isinstance(item, str) for item in trusted):
-        raise ConfigError("trusted_proxies", f"{trusted!r} is not a list of addresses or CIDRs")
+        errors.add("trusted_proxies", f"{trusted!r} is not a list of addresses or CIDRs")
+        trusted = []
+    preserve_host = top.boolean("preserve_host", False)
+    status_path = top.string("status_path")
+    _check_settings(max_body_size if isinstance(max_body_size, int) else None, trusted, status_path, errors)
+    errors.raise_any()
     return GatewayConfig(
-        routes=routes,
+        routes=tuple(routes),
         upstreams=upstreams,
         max_body_size=max_body_size if isinstance(max_body_size, int) else None,
-        preserve_host=top.boolean("preserve_host", False),
+        preserve_host=preserve_host,
         trusted_proxies=tuple(trusted),
-        status_path=top.string("status_path"),
+        status_path=status_path,
     )
 
 
@@ -296,17 +366,20 @@ def _max_body_size(reader: _Reader, default: int | _Inherit | None) -> int | _In
     return reader.integer("max_body_size", 0, minimum=0)
 
 
-def _route(path: str, data: Any) -> RouteConfig:
+def _route(path: str, data: Any, errors: _Errors) -> RouteConfig:
     reader = _Reader(
         data,
         path,
         ("path", "upstream", "strip_prefix", "methods", "host", "max_body_size", "preserve_host"),
+        errors,
     )
     methods = reader.raw("methods")
     if methods is not None:
         if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
-            raise ConfigError(reader.where("methods"), f"{methods!r} is not a non-empty list of method names")
-        methods = tuple(m.upper() for m in methods)
+            errors.add(reader.where("methods"), f"{methods!r} is not a non-empty list of method names")
+            methods = None
+        else:
+            methods = tuple(m.upper() for m in methods)
     return RouteConfig(
         path=reader.string("path", required=True) or "/",
         upstream=reader.string("upstream", required=True) or "",
@@ -318,7 +391,7 @@ def _route(path: str, data: Any) -> RouteConfig:
     )
 
 
-def _upstream(name: str, data: Any) -> UpstreamConfig:
+def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
     path = f"upstreams.{name}"
     reader = _Reader(
         data,
@@ -334,15 +407,17 @@ def _upstream(name: str, data: Any) -> UpstreamConfig:
             "max_concurrent_requests",
             "panic",
         ),
+        errors,
     )
     raw_servers = reader.raw("servers")
-    if not isinstance(raw_servers, list) or not raw_servers:
-        raise ConfigError(reader.where("servers"), f"{raw_servers!r} must be a non-empty list")
     servers = []
+    if not isinstance(raw_servers, list) or not raw_servers:
+        errors.add(reader.where("servers"), f"{raw_servers!r} must be a non-empty list")
+        raw_servers = []
     for i, spec in enumerate(raw_servers):
         if isinstance(spec, str):
             spec = {"url": spec}
-        server = _Reader(spec, f"{path}.servers[{i}]", ("url", "weight", "backup"))
+        server = _Reader(spec, f"{path}.servers[{i}]", ("url", "weight", "backup"), errors)
         servers.append(
             ServerConfig(
                 url=server.string("url", required=True) or "",
@@ -358,6 +433,7 @@ def _upstream(name: str, data: Any) -> UpstreamConfig:
             check_data,
             reader.where("health_check"),
             ("path", "interval", "timeout", "healthy_threshold", "unhealthy_threshold"),
+            errors,
         )
         health_check = HealthCheckConfig(
             path=check.string("path", "/healthz") or "/healthz",
@@ -374,6 +450,7 @@ def _upstream(name: str, data: Any) -> UpstreamConfig:
             outlier_data,
             reader.where("outlier_detection"),
             ("consecutive_failures", "base_ejection_time", "max_ejection_time", "max_ejection_percent"),
+            errors,
         )
         outlier = OutlierDetectionConfig(
             consecutive_failures=od.integer("consecutive_failures", 5),
@@ -394,10 +471,12 @@ def _upstream(name: str, data: Any) -> UpstreamConfig:
             "budget_min_per_second",
             "buffer_limit",
         ),
+        errors,
     )
     retry_on = retry_reader.raw("retry_on", list(RetryConfig().retry_on))
     if not isinstance(retry_on, list):
-        raise ConfigError(retry_reader.where("retry_on"), f"{retry_on!r} is not a list")
+        errors.add(retry_reader.where("retry_on"), f"{retry_on!r} is not a list")
+        retry_on = list(RetryConfig().retry_on)
     retry = RetryConfig(
         attempts=retry_reader.integer("attempts", 3),
         retry_on=tuple(retry_on),
@@ -409,7 +488,7 @@ def _upstream(name: str, data: Any) -> UpstreamConfig:
     )
 
     timeouts_reader = _Reader(
-        reader.raw("timeouts", {}), reader.where("timeouts"), ("connect", "read", "total")
+        reader.raw("timeouts", {}), reader.where("timeouts"), ("connect", "read", "total"), errors
     )
     timeouts = TimeoutsConfig(
         connect=timeouts_reader.number("connect", 2.0),
@@ -419,7 +498,7 @@ def _upstream(name: str, data: Any) -> UpstreamConfig:
     return UpstreamConfig(
         name=name,
         servers=tuple(servers),
-        balancer=reader.string("balancer", "round_robin"),  # type: ignore[arg-type]  # checked in validate()
+        balancer=reader.string("balancer", "round_robin"),  # type: ignore[arg-type]  # checked in _check_upstream()
         hash_on=reader.string("hash_on"),
         health_check=health_check,
         outlier_detection=outlier,
@@ -435,21 +514,37 @@ def _upstream(name: str, data: Any) -> UpstreamConfig:
 _HASH_ON = re.compile(r"^(header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|cookie:[^\s;=,]+|client_ip|path)$")
 
 
-def _check_url(where: str, url: str) -> None:
+def validate(config: GatewayConfig) -> None:
+    """Check cross-field rules on a config however it was built; raise one `ConfigError` naming all."""
+    errors = _Errors()
+    if not config.routes:
+        errors.add("routes", "at least one route is required")
+    for i, route in enumerate(config.routes):
+        _check_route(f"routes[{i}]", route, config.upstreams or None, errors)
+    if not config.upstreams:
+        errors.add("upstreams", "at least one upstream is required")
+    for name, upstream in config.upstreams.items():
+        _check_upstream(f"upstreams.{name}", upstream, errors)
+    _check_settings(config.max_body_size, config.trusted_proxies, config.status_path, errors)
+    errors.raise_any()
+
+
+def _check_url(where: str, url: str, errors: _Errors) -> None:
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise ConfigError(where, f"{url!r} is not an http(s) URL") from None
+        errors.add(where, f"{url!r} is not an http(s) URL")
+        return
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(where, f"{url!r} is not an http(s) URL")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
-        raise ConfigError(where, f"{url!r} must be scheme://host[:port] with no path, query or credentials")
-    if port == 0:
-        raise ConfigError(where, f"{url!r} has port 0")
+        errors.add(where, f"{url!r} is not an http(s) URL")
+    elif parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        errors.add(where, f"{url!r} must be scheme://host[:port] with no path, query or credentials")
+    elif port == 0:
+        errors.add(where, f"{url!r} has port 0")
 
 
-def _positive(where: str, value: object, *, allow_zero: bool = False) -> None:
+def _positive(where: str, value: object, errors: _Errors, *, allow_zero: bool = False) -> None:
     ok = (
         isinstance(value, int | float)
         and not isinstance(value, bool)
@@ -457,97 +552,95 @@ def _positive(where: str, value: object, *, allow_zero: bool = False) -> None:
         and (value >= 0 if allow_zero else value > 0)
     )
     if not ok:
-        raise ConfigError(where, f"{value!r} must be {'non-negative' if allow_zero else 'positive'}")
+        errors.add(where, f"{value!r} must be {'non-negative' if allow_zero else 'positive'}")
 
 
-def validate(config: GatewayConfig) -> None:
-    """Check cross-field rules on a config however it was built; raise `ConfigError`."""
-    if not config.upstreams:
-        raise ConfigError("upstreams", "at least one upstream is required")
-    if not config.routes:
-        raise ConfigError("routes", "at least one route is required")
-    for name, upstream in config.upstreams.items():
-        _validate_upstream(f"upstreams.{name}", upstream)
-    for i, route in enumerate(config.routes):
-        where = f"routes[{i}]"
-        if not isinstance(route.path, str) or not route.path.startswith("/"):
-            raise ConfigError(f"{where}.path", f"{route.path!r} must start with '/'")
-        if "?" in route.path or "#" in route.path or "%" in route.path:
-            raise ConfigError(f"{where}.path", f"{route.path!r} must be a plain path without '?', '#' or '%'")
-        if route.upstream not in config.upstreams:
-            known = ", ".join(sorted(config.upstreams))
-            raise ConfigError(
-                f"{where}.upstream", f"{route.upstream!r} is not a configured upstream ({known})"
-            )
-        if route.methods is not None:
-            for method in route.methods:
-                if method not in HTTP_METHODS and not re.fullmatch(r"[A-Z][A-Z0-9_-]*", method):
-                    raise ConfigError(f"{where}.methods", f"{method!r} is not an HTTP method")
-        if route.host is not None and (not route.host or any(c in route.host for c in "/ ")):
-            raise ConfigError(f"{where}.host", f"{route.host!r} is not a host name")
-        if not isinstance(route.max_body_size, _Inherit) and route.max_body_size is not None:
-            _positive(f"{where}.max_body_size", route.max_body_size, allow_zero=True)
-    if config.max_body_size is not None:
-        _positive("max_body_size", config.max_body_size, allow_zero=True)
-    for i, proxy in enumerate(config.trusted_proxies):
+def _check_route(where: str, route: RouteConfig, upstreams: Collection[str] | None, errors: _Errors) -> None:
+    """`upstreams` is None when there are none to check `route.upstream` against."""
+    if not isinstance(route.path, str) or not route.path.startswith("/"):
+        errors.add(f"{where}.path", f"{route.path!r} must start with '/'")
+    elif "?" in route.path or "#" in route.path or "%" in route.path:
+        errors.add(f"{where}.path", f"{route.path!r} must be a plain path without '?', '#' or '%'")
+    if upstreams is not None and route.upstream not in upstreams:
+        known = ", ".join(sorted(upstreams))
+        errors.add(f"{where}.upstream", f"{route.upstream!r} is not a configured upstream ({known})")
+    for method in route.methods or ():
+        if method not in HTTP_METHODS and not re.fullmatch(r"[A-Z][A-Z0-9_-]*", method):
+            errors.add(f"{where}.methods", f"{method!r} is not an HTTP method")
+    if route.host is not None and (not route.host or any(c in route.host for c in "/ ")):
+        errors.add(f"{where}.host", f"{route.host!r} is not a host name")
+    if not isinstance(route.max_body_size, _Inherit) and route.max_body_size is not None:
+        _positive(f"{where}.max_body_size", route.max_body_size, errors, allow_zero=True)
+
+
+def _check_settings(
+    max_body_size: int | None, trusted_proxies: Sequence[str], status_path: str | None, errors: _Errors
+) -> None:
+    """The gateway-wide keys."""
+    if max_body_size is not None:
+        _positive("max_body_size", max_body_size, errors, allow_zero=True)
+    for i, proxy in enumerate(trusted_proxies):
         try:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
-            raise ConfigError(f"trusted_proxies[{i}]", f"{proxy!r} is not an IP address or CIDR") from None
-    if config.status_path is not None and not config.status_path.startswith("/"):
-        raise ConfigError("status_path", f"{config.status_path!r} must start with '/'")
+            errors.add(f"trusted_proxies[{i}]", f"{proxy!r} is not an IP address or CIDR")
+    if status_path is not None and not status_path.startswith("/"):
+        errors.add("status_path", f"{status_path!r} must start with '/'")
 
 
-def _validate_upstream(where: str, upstream: UpstreamConfig) -> None:
+def _check_upstream(where: str, upstream: UpstreamConfig, errors: _Errors) -> None:
     if not upstream.servers:
-        raise ConfigError(f"{where}.servers", "at least one server is required")
+        errors.add(f"{where}.servers", "at least one server is required")
     for i, server in enumerate(upstream.servers):
-        _check_url(f"{where}.servers[{i}].url", server.url)
+        _check_url(f"{where}.servers[{i}].url", server.url, errors)
         if isinstance(server.weight, bool) or not isinstance(server.weight, int) or server.weight < 1:
-            raise ConfigError(f"{where}.servers[{i}].weight", f"{server.weight!r} must be a positive integer")
+            errors.add(f"{where}.servers[{i}].weight", f"{server.weight!r} must be a positive integer")
     if upstream.balancer not in BALANCERS:
-        raise ConfigError(f"{where}.balancer", f"{upstream.balancer!r} is not one of {', '.join(BALANCERS)}")
+        errors.add(f"{where}.balancer", f"{upstream.balancer!r} is not one of {', '.join(BALANCERS)}")
     if upstream.hash_on is not None and not _HASH_ON.match(upstream.hash_on):
-        raise ConfigError(
+        errors.add(
             f"{where}.hash_on", f"{upstream.hash_on!r} is not header:NAME, cookie:NAME, client_ip or path"
         )
     if upstream.balancer == "consistent_hash" and upstream.hash_on is None:
-        raise ConfigError(f"{where}.hash_on", "is required when balancer is consistent_hash")
-    for i, condition in enumerate(upstream.retry.retry_on):
+        errors.add(f"{where}.hash_on", "is required when balancer is consistent_hash")
+    retry = upstream.retry
+    for i, condition in enumerate(retry.retry_on):
         if isinstance(condition, bool) or not (
             condition in RETRY_CONDITIONS or (isinstance(condition, int) and 500 <= condition <= 599)
         ):
-            raise ConfigError(
+            errors.add(
                 f"{where}.retry.retry_on[{i}]",
                 f"{condition!r} is not one of {', '.join(RETRY_CONDITIONS)} or a 5xx status",
             )
-    retry = upstream.retry
     if retry.attempts < 1:
-        raise ConfigError(f"{where}.retry.attempts", f"{retry.attempts!r} must be at least 1")
-    if retry.backoff_max < retry.backoff_base:
-        raise ConfigError(f"{where}.retry.backoff_max", f"{retry.backoff_max!r} is below backoff_base")
+        errors.add(f"{where}.retry.attempts", f"{retry.attempts!r} must be at least 1")
+    # A comparison with a value already reported bad would be with the default read instead.
+    if retry.backoff_max < retry.backoff_base and not errors.reported(f"{where}.retry.backoff_base"):
+        errors.add(f"{where}.retry.backoff_max", f"{retry.backoff_max!r} is below backoff_base")
     for name in ("connect", "read", "total"):
-        _positive(f"{where}.timeouts.{name}", getattr(upstream.timeouts, name))
+        _positive(f"{where}.timeouts.{name}", getattr(upstream.timeouts, name), errors)
     if upstream.health_check is not None:
         hc = upstream.health_check
         if not hc.path.startswith("/"):
-            raise ConfigError(f"{where}.health_check.path", f"{hc.path!r} must start with '/'")
+            errors.add(f"{where}.health_check.path", f"{hc.path!r} must start with '/'")
         for f in fields(hc):
             if f.name != "path":
-                _positive(f"{where}.health_check.{f.name}", getattr(hc, f.name))
+                _positive(f"{where}.health_check.{f.name}", getattr(hc, f.name), errors)
     if upstream.outlier_detection is not None:
         od = upstream.outlier_detection
         if not 0 <= od.max_ejection_percent <= 100:
-            raise ConfigError(
+            errors.add(
                 f"{where}.outlier_detection.max_ejection_percent",
                 f"{od.max_ejection_percent!r} is not 0 to 100",
             )
-        if od.max_ejection_time < od.base_ejection_time:
-            raise ConfigError(
+        if od.max_ejection_time < od.base_ejection_time and not errors.reported(
+            f"{where}.outlier_detection.base_ejection_time"
+        ):
+            errors.add(
                 f"{where}.outlier_detection.max_ejection_time",
                 f"{od.max_ejection_time!r} is below base_ejection_time",
             )
     if upstream.max_concurrent_requests < 1:
-        raise ConfigError(
+        errors.add(
             f"{where}.max_concurrent_requests", f"{upstream.max_concurrent_requests!r} must be at least 1"
         )

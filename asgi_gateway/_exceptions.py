@@ -62,12 +62,22 @@ class GatewayError(Exception):
 
 
 class ConfigError(GatewayError, ValueError):
-    """An invalid configuration. The message names the key path and the value."""
+    """An invalid configuration: every bad key found in it, one line each.
 
-    def __init__(self, path: str, message: str) -> None:
-        text = f"{path}: {message}" if path else message
-        super().__init__(text)
+    `errors` holds the `(key path, message)` pairs in the order they were found, each
+    message naming the offending value; `path` is the first one's key path. `str()` is
+    one `key.path: message` line per error, so a user can fix a file in one go.
+    """
+
+    def __init__(self, path: str, message: str, *more: tuple[str, str]) -> None:
+        self.errors: tuple[tuple[str, str], ...] = ((path, message), *more)
+        super().__init__("\n".join(f"{where}: {text}" if where else text for where, text in self.errors))
         self.path = path
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str | tuple[str, str], ...]]:
+        # `args` holds the joined text, which the constructor cannot take back.
+        (path, message), *more = self.errors
+        return type(self), (path, message, *more)
 
 
 class ClientRequestError(GatewayError):

@@ -103,6 +103,44 @@ def test_check_bad_config_exits_2_with_the_message_and_no_traceback(tmp_path: Pa
     assert "Traceback" not in output
 
 
+def six_mistakes() -> tuple[dict[str, Any], list[str]]:
+    """A config with six mistakes in different sections, and the line each must give."""
+    data = config()
+    data["routes"][1]["upstream"] = "nope"
+    users = data["upstreams"]["users"]
+    users["servers"][0]["url"] = "htp://x"
+    users["health_check"] = {"timeout": "1s"}
+    orders = data["upstreams"]["orders"]
+    orders["retry"] = {"attempts": 0}
+    orders["timeouts"] = {"total": -1}
+    data["trusted_proxies"] = ["localhost"]
+    return data, [
+        "routes[1].upstream: 'nope' is not a configured upstream (orders, users)",
+        "upstreams.users.servers[0].url: 'htp://x' is not an http(s) URL",
+        "upstreams.users.health_check.timeout: '1s' is not a number",
+        "upstreams.orders.retry.attempts: 0 must be at least 1",
+        "upstreams.orders.timeouts.total: -1 must be greater than 0",
+        "trusted_proxies[0]: 'localhost' is not an IP address or CIDR",
+    ]
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_bad_config_prints_every_error_and_exits_2(tmp_path: Path, command: str) -> None:
+    data, expected = six_mistakes()
+    path = write(tmp_path / "gateway.json", data)
+    args = [command, str(path)] if command == "check" else [command, str(path), "--port", str(free_port())]
+    result = subprocess.run(
+        [console_script(), *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stdout == ""
+    # A count first, then one line per error, so the file can be fixed in one go.
+    header, *lines = result.stderr.splitlines()
+    assert header == f"asgi-gateway: invalid config {path}: 6 errors"
+    assert sorted(lines) == sorted(f"  {line}" for line in expected)
+
+
 @pytest.mark.parametrize(
     ("name", "content", "expected"),
     [

@@ -212,6 +212,90 @@ BAD_CONFIGS = {
         "'fastest'",
     ),
     "bad trusted proxy": (_set("trusted_proxies", ["not-an-ip"]), "trusted_proxies[0]", "'not-an-ip'"),
+    "trusted proxies not a list": (_set("trusted_proxies", "10.0.0.0/8"), "trusted_proxies", "'10.0.0.0/8'"),
+    "upstreams not a mapping": (_set("upstreams", []), "upstreams", "[]"),
+    "routes not a list": (_set("routes", {}), "routes", "{}"),
+    "route not a mapping": (_set("routes/0", "/api"), "routes[0]", "'/api'"),
+    "section not a mapping": (_set("upstreams/users/retry", 3), "upstreams.users.retry", "3"),
+    "missing route path": (lambda data: data["routes"][0].pop("path"), "routes[0].path", "required"),
+    "empty route upstream": (_set("routes/0/upstream", ""), "routes[0].upstream", "''"),
+    "not a boolean": (_set("routes/0/strip_prefix", "yes"), "routes[0].strip_prefix", "'yes'"),
+    "not a number": (
+        _set("upstreams/users/timeouts/read", "slow"),
+        "upstreams.users.timeouts.read",
+        "'slow'",
+    ),
+    "not an integer": (_set("upstreams/users/retry/attempts", 2.5), "upstreams.users.retry.attempts", "2.5"),
+    "attempts below 1": (_set("upstreams/users/retry/attempts", 0), "upstreams.users.retry.attempts", "0"),
+    "route path without slash": (_set("routes/0/path", "api"), "routes[0].path", "'api'"),
+    "route path with query": (_set("routes/0/path", "/api?x"), "routes[0].path", "'/api?x'"),
+    "methods not a list": (_set("routes/0/methods", "GET"), "routes[0].methods", "'GET'"),
+    "bad method": (_set("routes/0/methods", ["GET", "G ET"]), "routes[0].methods", "'G ET'"),
+    "bad route host": (_set("routes/1/host", "a b"), "routes[1].host", "'a b'"),
+    "negative route max_body_size": (_set("routes/0/max_body_size", -5), "routes[0].max_body_size", "-5"),
+    "servers not a list": (
+        _set("upstreams/users/servers", "http://a"),
+        "upstreams.users.servers",
+        "'http://a'",
+    ),
+    "no servers": (_set("upstreams/users/servers", []), "upstreams.users.servers", "[]"),
+    "url with path": (
+        _set("upstreams/users/servers/0/url", "http://a/api"),
+        "upstreams.users.servers[0].url",
+        "'http://a/api'",
+    ),
+    "url with port 0": (
+        _set("upstreams/users/servers/0/url", "http://a:0"),
+        "upstreams.users.servers[0].url",
+        "'http://a:0'",
+    ),
+    "bad hash_on": (_set("upstreams/users/hash_on", "body"), "upstreams.users.hash_on", "'body'"),
+    "consistent_hash without hash_on": (
+        _set("upstreams/users/balancer", "consistent_hash"),
+        "upstreams.users.hash_on",
+        "consistent_hash",
+    ),
+    "retry_on not a list": (
+        _set("upstreams/users/retry/retry_on", "reset"),
+        "upstreams.users.retry.retry_on",
+        "'reset'",
+    ),
+    "bad retry condition": (
+        _set("upstreams/users/retry/retry_on", ["reset", 404]),
+        "upstreams.users.retry.retry_on[1]",
+        "404",
+    ),
+    "backoff_max below backoff_base": (
+        _set("upstreams/users/retry", {"backoff_base": 1.0, "backoff_max": 0.5}),
+        "upstreams.users.retry.backoff_max",
+        "0.5",
+    ),
+    "health check path without slash": (
+        _set("upstreams/users/health_check", {"path": "healthz"}),
+        "upstreams.users.health_check.path",
+        "'healthz'",
+    ),
+    "zero health check interval": (
+        _set("upstreams/users/health_check", {"interval": 0}),
+        "upstreams.users.health_check.interval",
+        "0",
+    ),
+    "max_ejection_percent over 100": (
+        _set("upstreams/users/outlier_detection", {"max_ejection_percent": 150}),
+        "upstreams.users.outlier_detection.max_ejection_percent",
+        "150",
+    ),
+    "max_ejection_time below base_ejection_time": (
+        _set("upstreams/users/outlier_detection", {"base_ejection_time": 60, "max_ejection_time": 10}),
+        "upstreams.users.outlier_detection.max_ejection_time",
+        "10",
+    ),
+    "zero max_concurrent_requests": (
+        _set("upstreams/users/max_concurrent_requests", 0),
+        "upstreams.users.max_concurrent_requests",
+        "0",
+    ),
+    "status_path without slash": (_set("status_path", "status"), "status_path", "'status'"),
 }
 
 
@@ -221,8 +305,177 @@ def test_bad_mapping_raises_config_error_naming_path_and_value(case: str) -> Non
     with pytest.raises(ConfigError) as info:
         load_config(mutate(change))
     message = str(info.value)
+    # One mistake, one error: nothing that only follows from it is reported too.
+    assert len(info.value.errors) == 1, message
+    assert info.value.path == path
     assert message.startswith(f"{path}: "), message
     assert value in message.removeprefix(f"{path}: "), message
+
+
+def changes(*steps: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def change(data: dict[str, Any]) -> None:
+        for step in steps:
+            step(data)
+
+    return change
+
+
+# Six mistakes across routes, upstreams, servers, retry, timeouts, health_check and trusted_proxies.
+SIX_MISTAKES = changes(
+    _set("routes/1/upstream", "nope"),
+    _set("upstreams/users/servers/1/url", "htp://x"),
+    _set("upstreams/users/retry/attempts", 0),
+    _set("upstreams/users/timeouts/read", "slow"),
+    _set("upstreams/misc/health_check", {"path": "/healthz", "interval": -1}),
+    _set("trusted_proxies", ["10.0.0.0/8", "not-an-ip"]),
+)
+SIX_ERRORS = [
+    ("routes[1].upstream", "'nope' is not a configured upstream (misc, users)"),
+    ("upstreams.users.servers[1].url", "'htp://x' is not an http(s) URL"),
+    ("upstreams.users.retry.attempts", "0 must be at least 1"),
+    ("upstreams.users.timeouts.read", "'slow' is not a number"),
+    ("upstreams.misc.health_check.interval", "-1 must be greater than 0"),
+    ("trusted_proxies[1]", "'not-an-ip' is not an IP address or CIDR"),
+]
+
+
+@pytest.mark.parametrize("form", ["mapping", ".toml", ".yaml", ".json"])
+def test_every_error_is_reported_in_one_config_error(tmp_path: Path, form: str) -> None:
+    data = mutate(SIX_MISTAKES)
+    with pytest.raises(ConfigError) as info:
+        load_config(data if form == "mapping" else write_config(tmp_path, data, form))
+    error = info.value
+    assert sorted(error.errors) == sorted(SIX_ERRORS)
+    assert len(error.errors) == len(SIX_ERRORS)
+    # One line per error, in the order of `errors`; `path` is the first one's.
+    assert str(error).splitlines() == [f"{path}: {message}" for path, message in error.errors]
+    assert error.path == error.errors[0][0]
+    assert isinstance(error, ValueError)
+
+
+def test_every_bad_item_of_a_list_is_reported() -> None:
+    data = mutate(
+        changes(
+            _set("upstreams/users/retry/retry_on", ["reset", 404, "timeout", "sometimes"]),
+            _set("trusted_proxies", ["x", "10.0.0.0/8", "y"]),
+            _set(
+                "upstreams/users/servers", ["htp://a", {"url": "http://b", "weight": 0}, {"url": "ftp://c"}]
+            ),
+        )
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(data)
+    assert [path for path, _ in info.value.errors] == [
+        "upstreams.users.servers[1].weight",
+        "upstreams.users.servers[0].url",
+        "upstreams.users.servers[2].url",
+        "upstreams.users.retry.retry_on[1]",
+        "upstreams.users.retry.retry_on[3]",
+        "trusted_proxies[0]",
+        "trusted_proxies[2]",
+    ]
+
+
+# (mutation, the only errors expected): what merely follows from an error is not reported again.
+CONSEQUENCES = {
+    "servers not a list: no 'at least one server'": (
+        _set("upstreams/users/servers", {"url": "http://a"}),
+        [("upstreams.users.servers", "{'url': 'http://a'} must be a non-empty list")],
+    ),
+    "server not a mapping: no 'url is required'": (
+        _set("upstreams/users/servers/0", 7),
+        [("upstreams.users.servers[0]", "7 is not a mapping")],
+    ),
+    "missing url: no 'not an http(s) URL'": (
+        _set("upstreams/users/servers/0", {"weight": 2}),
+        [("upstreams.users.servers[0].url", "is required")],
+    ),
+    "upstream not a mapping: its routes still name it": (
+        _set("upstreams/users", ["http://a"]),
+        [("upstreams.users", "['http://a'] is not a mapping")],
+    ),
+    "no upstreams: routes are not checked against nothing": (
+        lambda data: data.pop("upstreams"),
+        [("upstreams", "None must be a non-empty mapping of upstream names")],
+    ),
+    "route not a mapping: no 'path is required'": (
+        _set("routes/1", ["/api", "misc"]),
+        [("routes[1]", "['/api', 'misc'] is not a mapping")],
+    ),
+    "bad hash_on type: no 'required for consistent_hash'": (
+        changes(_set("upstreams/users/balancer", "consistent_hash"), _set("upstreams/users/hash_on", 5)),
+        [("upstreams.users.hash_on", "5 is not a non-empty string")],
+    ),
+    "bad backoff_base: backoff_max is not compared with the default": (
+        _set("upstreams/users/retry", {"backoff_base": "fast", "backoff_max": 0.01}),
+        [("upstreams.users.retry.backoff_base", "'fast' is not a number")],
+    ),
+    "bad base_ejection_time: max_ejection_time is not compared with the default": (
+        _set("upstreams/users/outlier_detection", {"base_ejection_time": -1, "max_ejection_time": 10}),
+        [("upstreams.users.outlier_detection.base_ejection_time", "-1 must be greater than 0")],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CONSEQUENCES))
+def test_errors_that_follow_from_an_earlier_one_are_not_reported(case: str) -> None:
+    change, expected = CONSEQUENCES[case]
+    with pytest.raises(ConfigError) as info:
+        load_config(mutate(change))
+    assert list(info.value.errors) == expected
+
+
+def test_cross_key_checks_run_beside_errors_in_values() -> None:
+    data = mutate(
+        changes(
+            _set("upstreams/users/balancer", "consistent_hash"),
+            _set("upstreams/users/timeouts/connect", True),
+            _set("routes/0/upstream", "user"),
+            _set("upstreams/misc/retry", {"backoff_base": 2, "backoff_max": 1, "attempts": "3"}),
+        )
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(data)
+    assert sorted(info.value.errors) == [
+        ("routes[0].upstream", "'user' is not a configured upstream (misc, users)"),
+        ("upstreams.misc.retry.attempts", "'3' is not an integer"),
+        ("upstreams.misc.retry.backoff_max", "1.0 is below backoff_base"),
+        ("upstreams.users.hash_on", "is required when balancer is consistent_hash"),
+        ("upstreams.users.timeouts.connect", "True is not a number"),
+    ]
+
+
+def test_unknown_keys_are_all_reported_and_the_known_ones_still_read() -> None:
+    data = mutate(
+        changes(
+            _set("routes/0/pathh", "/x"),
+            _set("upstreams/users/balancr", "random"),
+            _set("upstreams/users/servers/0/weight", "heavy"),
+            _set("bogus", 1),
+        )
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(data)
+    assert sorted(path for path, _ in info.value.errors) == [
+        "bogus",
+        "routes[0].pathh",
+        "upstreams.users.balancr",
+        "upstreams.users.servers[0].weight",
+    ]
+
+
+def test_config_error_keeps_every_error_through_pickle() -> None:
+    import pickle
+
+    with pytest.raises(ConfigError) as info:
+        load_config(mutate(SIX_MISTAKES))
+    copied = pickle.loads(pickle.dumps(info.value))
+    assert (type(copied), copied.errors, copied.path, str(copied)) == (
+        ConfigError,
+        info.value.errors,
+        info.value.path,
+        str(info.value),
+    )
 
 
 def test_bad_url_message_is_exact() -> None:
@@ -258,6 +511,35 @@ def test_typed_objects_are_validated_too() -> None:
             },
         )
     assert str(info.value) == BAD_URL_MESSAGE
+
+
+def test_typed_objects_report_every_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        GatewayConfig(
+            routes=(RouteConfig(path="api", upstream="users"), RouteConfig(path="/b", upstream="nope")),
+            upstreams={
+                "users": UpstreamConfig(
+                    name="users",
+                    servers=(ServerConfig(url="htp://x"), ServerConfig(url="http://a", weight=0)),
+                    timeouts=TimeoutsConfig(total=0),
+                )
+            },
+            status_path="status",
+        )
+    assert info.value.errors == (
+        ("routes[0].path", "'api' must start with '/'"),
+        ("routes[1].upstream", "'nope' is not a configured upstream (users)"),
+        ("upstreams.users.servers[0].url", "'htp://x' is not an http(s) URL"),
+        ("upstreams.users.servers[1].weight", "0 must be a positive integer"),
+        ("upstreams.users.timeouts.total", "0 must be positive"),
+        ("status_path", "'status' must start with '/'"),
+    )
+
+
+def test_typed_config_without_upstreams_is_one_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        GatewayConfig(routes=(RouteConfig(path="/api", upstream="users"),), upstreams={})
+    assert info.value.errors == (("upstreams", "at least one upstream is required"),)
 
 
 @pytest.mark.parametrize(
@@ -301,8 +583,10 @@ def test_gateway_middleware_validates_files_at_construction(tmp_path: Path) -> N
 def test_unreadable_files_raise_config_error(tmp_path: Path, name: str, content: str) -> None:
     path = tmp_path / name
     path.write_text(content)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as info:
         load_config(path)
+    # A file that cannot be read as a mapping is one error: there is nothing to check further.
+    assert len(info.value.errors) == 1
 
 
 def test_missing_file_raises_config_error_naming_it(tmp_path: Path) -> None:

@@ -122,6 +122,7 @@ class RouteConfig:
     host: str | None = None
     max_body_size: int | _Inherit | None = INHERIT
     preserve_host: bool | _Inherit = INHERIT
+    max_message_size: int | _Inherit | None = INHERIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +133,8 @@ class GatewayConfig:
     preserve_host: bool = False
     trusted_proxies: tuple[str, ...] = ()
     status_path: str | None = None
+    #: The largest WebSocket message, either way; each is held whole while relayed.
+    max_message_size: int | None = 1024 * 1024
 
     def __post_init__(self) -> None:
         validate(self)
@@ -310,7 +313,15 @@ def from_mapping(data: Any) -> GatewayConfig:
     top = _Reader(
         data,
         "",
-        ("routes", "upstreams", "max_body_size", "preserve_host", "trusted_proxies", "status_path"),
+        (
+            "routes",
+            "upstreams",
+            "max_body_size",
+            "preserve_host",
+            "trusted_proxies",
+            "status_path",
+            "max_message_size",
+        ),
         errors,
     )
     raw_upstreams = top.raw("upstreams")
@@ -338,14 +349,21 @@ def from_mapping(data: Any) -> GatewayConfig:
             _check_upstream(f"upstreams.{name}", upstream, errors)
             upstreams[str(name)] = upstream
 
-    max_body_size = _max_body_size(top, 10 * 1024 * 1024)
+    max_body_size = _size_limit(top, "max_body_size", 10 * 1024 * 1024)
+    max_message_size = _size_limit(top, "max_message_size", 1024 * 1024)
     trusted = top.raw("trusted_proxies", [])
     if not isinstance(trusted, list) or not all(isinstance(item, str) for item in trusted):
         errors.add("trusted_proxies", f"{trusted!r} is not a list of addresses or CIDRs")
         trusted = []
     preserve_host = top.boolean("preserve_host", False)
     status_path = top.string("status_path")
-    _check_settings(max_body_size if isinstance(max_body_size, int) else None, trusted, status_path, errors)
+    _check_settings(
+        max_body_size if isinstance(max_body_size, int) else None,
+        max_message_size if isinstance(max_message_size, int) else None,
+        trusted,
+        status_path,
+        errors,
+    )
     errors.raise_any()
     return GatewayConfig(
         routes=tuple(routes),
@@ -354,23 +372,33 @@ def from_mapping(data: Any) -> GatewayConfig:
         preserve_host=preserve_host,
         trusted_proxies=tuple(trusted),
         status_path=status_path,
+        max_message_size=max_message_size if isinstance(max_message_size, int) else None,
     )
 
 
-def _max_body_size(reader: _Reader, default: int | _Inherit | None) -> int | _Inherit | None:
-    if not reader.has("max_body_size"):
+def _size_limit(reader: _Reader, key: str, default: int | _Inherit | None) -> int | _Inherit | None:
+    if not reader.has(key):
         return default
-    value = reader.raw("max_body_size")
+    value = reader.raw(key)
     if value is None:
         return None
-    return reader.integer("max_body_size", 0, minimum=0)
+    return reader.integer(key, 0, minimum=0)
 
 
 def _route(path: str, data: Any, errors: _Errors) -> RouteConfig:
     reader = _Reader(
         data,
         path,
-        ("path", "upstream", "strip_prefix", "methods", "host", "max_body_size", "preserve_host"),
+        (
+            "path",
+            "upstream",
+            "strip_prefix",
+            "methods",
+            "host",
+            "max_body_size",
+            "preserve_host",
+            "max_message_size",
+        ),
         errors,
     )
     methods = reader.raw("methods")
@@ -386,8 +414,9 @@ def _route(path: str, data: Any, errors: _Errors) -> RouteConfig:
         strip_prefix=reader.boolean("strip_prefix", False),
         methods=methods,
         host=reader.string("host"),
-        max_body_size=_max_body_size(reader, INHERIT),
+        max_body_size=_size_limit(reader, "max_body_size", INHERIT),
         preserve_host=reader.boolean("preserve_host", False) if reader.has("preserve_host") else INHERIT,
+        max_message_size=_size_limit(reader, "max_message_size", INHERIT),
     )
 
 
@@ -525,7 +554,9 @@ def validate(config: GatewayConfig) -> None:
         errors.add("upstreams", "at least one upstream is required")
     for name, upstream in config.upstreams.items():
         _check_upstream(f"upstreams.{name}", upstream, errors)
-    _check_settings(config.max_body_size, config.trusted_proxies, config.status_path, errors)
+    _check_settings(
+        config.max_body_size, config.max_message_size, config.trusted_proxies, config.status_path, errors
+    )
     errors.raise_any()
 
 
@@ -571,14 +602,22 @@ def _check_route(where: str, route: RouteConfig, upstreams: Collection[str] | No
         errors.add(f"{where}.host", f"{route.host!r} is not a host name")
     if not isinstance(route.max_body_size, _Inherit) and route.max_body_size is not None:
         _positive(f"{where}.max_body_size", route.max_body_size, errors, allow_zero=True)
+    if not isinstance(route.max_message_size, _Inherit) and route.max_message_size is not None:
+        _positive(f"{where}.max_message_size", route.max_message_size, errors, allow_zero=True)
 
 
 def _check_settings(
-    max_body_size: int | None, trusted_proxies: Sequence[str], status_path: str | None, errors: _Errors
+    max_body_size: int | None,
+    max_message_size: int | None,
+    trusted_proxies: Sequence[str],
+    status_path: str | None,
+    errors: _Errors,
 ) -> None:
     """The gateway-wide keys."""
     if max_body_size is not None:
         _positive("max_body_size", max_body_size, errors, allow_zero=True)
+    if max_message_size is not None:
+        _positive("max_message_size", max_message_size, errors, allow_zero=True)
     for i, proxy in enumerate(trusted_proxies):
         try:
             ipaddress.ip_network(proxy, strict=False)

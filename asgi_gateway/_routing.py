@@ -24,6 +24,7 @@ class Route:
     host: str | None
     max_body_size: int | None
     preserve_host: bool
+    max_message_size: int | None
     #: The prefix as a tuple of segments: "/api/users" -> ("api", "users").
     segments: tuple[bytes, ...]
 
@@ -206,6 +207,9 @@ def _without_params(path: bytes) -> bytes:
 def _compile(index: int, spec: RouteConfig, config: GatewayConfig) -> Route:
     max_body_size = config.max_body_size if isinstance(spec.max_body_size, _Inherit) else spec.max_body_size
     preserve_host = config.preserve_host if isinstance(spec.preserve_host, _Inherit) else spec.preserve_host
+    max_message_size = (
+        config.max_message_size if isinstance(spec.max_message_size, _Inherit) else spec.max_message_size
+    )
     return Route(
         index=index,
         path=spec.path,
@@ -215,5 +219,6 @@ def _compile(index: int, spec: RouteConfig, config: GatewayConfig) -> Route:
         host=spec.host.lower().rstrip(".") if spec.host else None,
         max_body_size=max_body_size,
         preserve_host=preserve_host,
+        max_message_size=max_message_size,
         segments=_segments(spec.path.encode("utf-8")),
     )

@@ -23,6 +23,7 @@ The upstream side is the `websockets` library's asyncio client, the optional
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -275,7 +276,7 @@ class _Session:
         self, scope: dict[str, Any], receive: Any, send: Any, request: Request, stack: UpstreamStack
     ) -> None:
         exchange = self.exchange
-        connector = _Connector(scope.get("subprotocols") or (), self.route.max_body_size)
+        connector = _Connector(scope.get("subprotocols") or (), self.route.max_message_size)
         try:
             response = await _handshake(stack, self.telemetry, request, connector)
         except GatewayError as exc:
@@ -307,7 +308,7 @@ class _Session:
     # -- relay -------------------------------------------------------------------------
 
     async def _relay(self, connection: ClientConnection, response: Response, receive: Any, send: Any) -> None:
-        relay = _Relay(connection, receive, send, self.route.max_body_size)
+        relay = _Relay(connection, receive, send, self.route.max_message_size)
         headers = [
             header
             for header in downstream_headers(response.headers, self.exchange.request_id.encode())
@@ -530,7 +531,7 @@ class _Relay:
                 if kind == "websocket.receive":
                     text = message.get("text")
                     data: str | bytes = text if text is not None else message.get("bytes") or b""
-                    if limit is not None and len(data) > limit:
+                    if limit is not None and _over(data, limit):
                         self.gateway_ends(1009, f"message over the limit of {limit} bytes", None)
                         break
                     await connection.send(data)
@@ -551,17 +552,28 @@ class _Relay:
         try:
             while True:
                 data = await connection.recv()
-                if isinstance(data, str):
-                    await send({"type": "websocket.send", "text": data})
-                else:
-                    await send({"type": "websocket.send", "bytes": data})
+                try:
+                    if isinstance(data, str):
+                        await send({"type": "websocket.send", "text": data})
+                    else:
+                        await send({"type": "websocket.send", "bytes": data})
+                except (OSError, RuntimeError):
+                    # Servers following ASGI 2.4 raise OSError from send() once the client is
+                    # gone; uvicorn raises RuntimeError once it has closed the connection itself
+                    # (a message over its --ws-max-size, a keepalive timeout) and sent the client
+                    # its close frame. Either way its disconnect message, with that close code,
+                    # reaches the other direction.
+                    logger.debug("the server in front refused a WebSocket message", exc_info=True)
+                    break
                 self.to_client += 1
         except ConnectionClosed as exc:
             self._upstream_closed(exc)
-        except OSError:
-            # Servers following ASGI 2.4 raise OSError from send() once the client is gone;
-            # its disconnect message reaches the other direction.
+            done.cancel()
             return
+        with anyio.move_on_after(CLOSE_TIMEOUT):
+            await anyio.sleep_forever()
+        # No disconnect came: the server in front failed for a reason of its own.
+        self.gateway_ends(1011, "internal error", None)
         done.cancel()
 
     # -- how it ends -------------------------------------------------------------------
@@ -613,12 +625,36 @@ class _Relay:
         code, reason = self._upstream_close
         with anyio.move_on_after(CLOSE_TIMEOUT + 1.0):
             try:
-                await self.connection.close(code, reason)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._discard_from_upstream)
+                    await self.connection.close(code, reason)
+                    tg.cancel_scope.cancel()
             except Exception:
                 logger.debug("closing the upstream WebSocket connection failed", exc_info=True)
         if not self._client_gone:
             code, reason = self._client_close or (1001, "")
             await _send_close(self.send, code, reason)
+
+    async def _discard_from_upstream(self) -> None:
+        # The upstream's close frame comes after the messages it had sent already: reading
+        # (and dropping) them lets it through instead of waiting for the close timeout.
+        from websockets.exceptions import ConnectionClosed
+
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await self.connection.recv()
+
+
+def _over(data: str | bytes, limit: int) -> bool:
+    """Whether a message takes more than `limit` bytes on the wire (text: in UTF-8)."""
+    size = len(data)
+    if size > limit:
+        return True
+    # A code point takes 1 to 4 bytes in UTF-8, and `isascii()` reads a flag CPython keeps:
+    # only non-ASCII text within 4x of the limit is encoded to be measured.
+    if isinstance(data, str) and size * 4 > limit and not data.isascii():
+        return len(data.encode("utf-8")) > limit
+    return False
 
 
 # -- the handshake's layers ---------------------------------------------------------------
@@ -918,7 +954,8 @@ async def _refuse_with_response(
 async def _send_close(send: Any, code: int, reason: str) -> None:
     try:
         await send({"type": "websocket.close", "code": code, "reason": reason})
-    except OSError:
+    except (OSError, RuntimeError):
+        # Gone, or closed by the server in front already (uvicorn raises RuntimeError then).
         pass
 
 

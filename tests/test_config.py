@@ -618,3 +618,50 @@ def test_every_config_form_serves_requests(
         assert response.json()["server"] == "u2"
         assert response.json()["raw_path"] == "/7"
         assert client.get("/local").text == "local"
+
+
+def test_max_message_size_is_its_own_limit_inherited_by_routes() -> None:
+    from asgi_gateway._routing import Router
+
+    def limits(data: dict[str, Any]) -> list[int | None]:
+        config = load_config(data)
+        return [route.max_message_size for route in Router(config).routes]
+
+    data = base()
+    data["routes"][1]["max_message_size"] = None
+    # 1 MiB by default, whatever max_body_size says (2048 in base()); null on a route: no limit.
+    assert limits(data) == [1024 * 1024, None]
+    data["max_message_size"] = 4096
+    data["routes"][0]["max_message_size"] = 512
+    assert limits(data) == [512, None]
+    del data["routes"][0]["max_message_size"]
+    assert limits(data) == [4096, None]
+    data["max_message_size"] = None
+    assert load_config(data).max_message_size is None
+    assert [route.max_body_size for route in Router(load_config(data)).routes] == [2048, 2048]
+
+
+@pytest.mark.parametrize(
+    ("key_path", "value", "where"),
+    [
+        ("max_message_size", -1, "max_message_size"),
+        ("max_message_size", "1MiB", "max_message_size"),
+        ("routes/0/max_message_size", -5, "routes[0].max_message_size"),
+        ("routes/1/max_message_size", 1.5, "routes[1].max_message_size"),
+    ],
+)
+def test_bad_max_message_size_is_reported_with_its_key_path(key_path: str, value: Any, where: str) -> None:
+    data = base()
+    _set(key_path, value)(data)
+    with pytest.raises(ConfigError) as info:
+        load_config(data)
+    assert f"{where}: {value!r}" in str(info.value)
+
+
+def test_typed_max_message_size_is_validated() -> None:
+    config = load_config(base())
+    with pytest.raises(ConfigError, match="max_message_size"):
+        GatewayConfig(routes=config.routes, upstreams=config.upstreams, max_message_size=-1)
+    route = RouteConfig(path="/x", upstream="users", max_message_size=-2)
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.max_message_size"):
+        GatewayConfig(routes=(route,), upstreams=config.upstreams)

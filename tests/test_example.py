@@ -44,6 +44,10 @@ def test_the_example_serves_its_own_routes_and_proxies_the_rest() -> None:
             assert client.get("/hello").json() == {"hello": "from the host app, not proxied"}
             served = {client.get("/api/users/42").json()["served_by"] for _ in range(4)}
             assert served == {"demo-1", "demo-2"}
+            # One Server (the upstream's, relayed) and one Date (the front server's) per answer.
+            proxied = client.get("/api/users/42")
+            assert proxied.headers.get_list("server") == ["uvicorn"]
+            assert len(proxied.headers.get_list("date")) == 1
             orders = client.get("/api/orders/7", params={"expand": "items"}).json()
             assert orders["served_by"] == "demo-3"
             assert orders["path"] == "/7" and orders["query"] == "expand=items"

@@ -88,31 +88,34 @@ def wb(ws_upstreams: tuple[WsUpstream, WsUpstream]) -> WsUpstream:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+_DEFAULT: Any = object()
+
+
 def config(
     *urls: str,
-    max_body_size: int | None = 16 * MiB,
+    max_message_size: int | None = _DEFAULT,
     preserve_host: bool = False,
     **upstream: Any,
 ) -> dict[str, Any]:
+    """A gateway config with one WebSocket route; messages up to 16 MiB unless `max_message_size` says."""
     spec: dict[str, Any] = {
         "servers": [{"url": url} for url in urls],
         "retry": {"backoff_base": 0.001, "backoff_max": 0.002},
         "timeouts": {"connect": 2.0, "read": 5.0, "total": 10.0},
     }
     spec.update(upstream)
-    return {
-        "routes": [
-            {"path": ROUTE, "upstream": "ws", "max_body_size": max_body_size, "preserve_host": preserve_host}
-        ],
-        "upstreams": {"ws": spec},
-        "status_path": "/-/status",
-    }
+    route: dict[str, Any] = {"path": ROUTE, "upstream": "ws", "preserve_host": preserve_host}
+    route["max_message_size"] = 16 * MiB if max_message_size is _DEFAULT else max_message_size
+    return {"routes": [route], "upstreams": {"ws": spec}, "status_path": "/-/status"}
 
 
 @contextlib.contextmanager
-def gateway(cfg: dict[str, Any], **kwargs: Any) -> Iterator[str]:
-    """The test host app behind `GatewayMiddleware(config=cfg)` under uvicorn; yields its ws:// base URL."""
-    with serve_app(make_host_app(cfg, **kwargs)) as url:
+def gateway(cfg: dict[str, Any], *, server: dict[str, Any] | None = None, **kwargs: Any) -> Iterator[str]:
+    """The test host app behind `GatewayMiddleware(config=cfg)` under uvicorn; yields its ws:// base URL.
+
+    `server` holds options for the uvicorn server in front (`ws_max_size`, ...).
+    """
+    with serve_app(make_host_app(cfg, **kwargs), **(server or {})) as url:
         yield "ws" + url[len("http") :]
 
 
@@ -204,7 +207,7 @@ async def test_16_mib_messages_both_ways(wa: WsUpstream) -> None:
 async def test_messages_over_the_route_limit_close_with_1009(wa: WsUpstream) -> None:
     from websockets.exceptions import ConnectionClosed
 
-    with gateway(config(wa.url, max_body_size=4096)) as base:
+    with gateway(config(wa.url, max_message_size=4096)) as base:
         session = session_id()
         async with ws(f"{base}{ROUTE}/echo?id={session}") as connection:
             assert await ask(connection, "x" * 4096) == "x" * 4096
@@ -221,6 +224,119 @@ async def test_messages_over_the_route_limit_close_with_1009(wa: WsUpstream) -> 
             with anyio.fail_after(10), pytest.raises(ConnectionClosed) as caught:
                 await connection.recv()
         assert caught.value.rcvd is not None and caught.value.rcvd.code == 1009
+
+
+async def test_max_message_size_not_max_body_size_limits_messages(wa: WsUpstream) -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    async def limit_is(base: str, limit: int) -> None:
+        async with ws(f"{base}{ROUTE}/echo?id={session_id()}", compression=None) as connection:
+            assert await ask(connection, b"x" * limit) == b"x" * limit
+            await connection.send(b"x" * (limit + 1))
+            with anyio.fail_after(10), pytest.raises(ConnectionClosed) as caught:
+                await connection.recv()
+        assert caught.value.rcvd is not None
+        assert (caught.value.rcvd.code, caught.value.rcvd.reason) == (
+            1009,
+            f"message over the limit of {limit} bytes",
+        )
+
+    # The default: 1 MiB, whatever the HTTP body limit.
+    cfg = config(wa.url)
+    del cfg["routes"][0]["max_message_size"]
+    cfg["max_body_size"] = 16 * MiB
+    with gateway(cfg) as base:
+        await limit_is(base, MiB)
+    # The gateway-wide key, inherited by the route; a route's own value wins over it.
+    cfg["max_message_size"] = 4096
+    with gateway(cfg) as base:
+        await limit_is(base, 4096)
+    cfg["routes"][0]["max_message_size"] = 8192
+    with gateway(cfg) as base:
+        await limit_is(base, 8192)
+
+
+async def test_the_message_limit_counts_utf8_bytes_of_text_both_ways(wa: WsUpstream) -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    with gateway(config(wa.url, max_message_size=20)) as base:
+        session = session_id()
+        async with ws(f"{base}{ROUTE}/echo?id={session}") as connection:
+            # 10 characters of 2 bytes each: exactly at the limit.
+            assert await ask(connection, "é" * 10) == "é" * 10
+            assert await ask(connection, "x" * 20) == "x" * 20
+            # 20 characters, 40 bytes: refused before it reaches the upstream.
+            await connection.send("é" * 20)
+            with anyio.fail_after(10), pytest.raises(ConnectionClosed) as caught:
+                await connection.recv()
+        assert caught.value.rcvd is not None
+        assert (caught.value.rcvd.code, caught.value.rcvd.reason) == (
+            1009,
+            "message over the limit of 20 bytes",
+        )
+        closed = await eventually(close_event(wa, session), message="the upstream's close")
+        assert closed["code"] == 1001
+
+        # From the upstream: 11 characters of 2 bytes each (22 bytes) are over the limit.
+        async with ws(f"{base}{ROUTE}/echo?id={session_id()}") as connection:
+            assert await ask(connection, "cmd:say:10:é") == "é" * 10
+            assert await ask(connection, "cmd:say:5:✓") == "✓" * 5  # 15 bytes
+            await connection.send("cmd:say:11:é")
+            with anyio.fail_after(10), pytest.raises(ConnectionClosed) as caught:
+                await connection.recv()
+        assert caught.value.rcvd is not None and caught.value.rcvd.code == 1009
+
+
+async def test_a_message_over_the_front_servers_limit_closes_the_client_with_1009(wa: WsUpstream) -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    with gateway(config(wa.url), server={"ws_max_size": 64 * 1024}) as base:
+        session = session_id()
+        async with ws(f"{base}{ROUTE}/echo?id={session}", compression=None) as connection:
+            assert await ask(connection, "x" * 1000) == "x" * 1000
+            await connection.send(b"x" * (64 * 1024 + 1))
+            with anyio.fail_after(10), pytest.raises(ConnectionClosed) as caught:
+                await connection.recv()
+        assert caught.value.rcvd is not None and caught.value.rcvd.code == 1009
+        # uvicorn's own close code and reason go on to the upstream.
+        closed = await eventually(close_event(wa, session), message="the upstream's close")
+        assert (closed["code"], closed["reason"]) == (1009, caught.value.rcvd.reason)
+
+
+async def test_the_front_server_failing_the_connection_mid_relay_is_no_gateway_error(
+    wa: WsUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    from asgi_gateway._websocket import CLOSE_TIMEOUT
+
+    # uvicorn fails the connection (message over its limit) while the gateway is relaying the
+    # upstream's messages: its send() raises RuntimeError, not OSError, until the socket is gone.
+    caplog.set_level(logging.INFO, logger="asgi_gateway")
+    with gateway(config(wa.url), server={"ws_max_size": 64 * 1024}) as base:
+        session = session_id()
+        async with ws(f"{base}{ROUTE}/echo?id={session}", compression=None) as connection:
+            await connection.send("cmd:burst:4000:16384")
+            with anyio.fail_after(10):
+                assert len(await connection.recv()) == 16384
+            with contextlib.suppress(ConnectionError):
+                await connection.send(b"x" * (64 * 1024 + 1))
+            with anyio.fail_after(20):
+                with contextlib.suppress(Exception):
+                    while True:
+                        await connection.recv()
+        closed = await eventually(close_event(wa, session), message="the upstream's close")
+
+        def access_record() -> Any:
+            return next((r for r in caplog.records if r.name == "asgi_gateway.access"), None)
+
+        # The session ends at once: the messages the upstream had sent already are dropped
+        # so that its close frame, behind them, gets through before the close timeout.
+        record = await eventually(access_record, timeout=CLOSE_TIMEOUT - 2, message="the access record")
+    assert closed["code"] == 1009
+    assert record.__dict__["websocket_closed_by"] == "client"
+    assert record.__dict__["websocket_close_code"] == 1009
+    assert record.__dict__["error"] is None
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors
 
 
 async def test_back_pressure_holds_the_upstream_when_the_client_does_not_read(wa: WsUpstream) -> None:
@@ -754,11 +870,20 @@ async def _websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
             return
         elif command == "big":
             await send({"type": "websocket.send", "bytes": b"b" * int(argument)})
+        elif command == "say":
+            count, _, unit = argument.partition(":")
+            await send({"type": "websocket.send", "text": unit * int(count)})
         elif command == "burst":
             count, size = (int(part) for part in argument.split(":"))
-            for index in range(count):
-                await send({"type": "websocket.send", "bytes": index.to_bytes(4, "big") + bytes(size - 4)})
-                PROGRESS[session] = index + 1
+            try:
+                for index in range(count):
+                    await send(
+                        {"type": "websocket.send", "bytes": index.to_bytes(4, "big") + bytes(size - 4)}
+                    )
+                    PROGRESS[session] = index + 1
+            except OSError:
+                # Closed mid-burst: the disconnect, with the gateway's close code, is queued.
+                continue
 
 
 if __name__ == "__main__":

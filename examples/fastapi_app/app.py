@@ -67,5 +67,7 @@ def build_app(config: Any = None) -> FastAPI:
     return app
 
 
-# `uvicorn examples.fastapi_app.app:app` serves the config-file form; main.py starts the demo upstreams too.
+# `uvicorn examples.fastapi_app.app:app --no-server-header` serves the config-file form (the
+# upstream's Server header is relayed, so uvicorn's own would be a second one); main.py starts
+# the demo upstreams too.
 app = build_app(os.environ.get("GATEWAY_CONFIG", str(HERE / "gateway.toml")))

@@ -26,8 +26,10 @@ async def serve(port: int, config: str | None, demo_ports: tuple[int, ...]) -> N
         for i, p in enumerate(demo_ports)
     ]
     app = build_app(config if config is not None else demo_config(demo_ports))
+    # The upstream's Server header is relayed (see the README's "Headers"): uvicorn's own would
+    # make a second one, so it is off here, as `asgi-gateway serve` turns it off.
     gateway = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="info", lifespan="on")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="info", lifespan="on", server_header=False)
     )
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     while not all(server.started for server in servers):

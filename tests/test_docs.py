@@ -146,8 +146,12 @@ def test_the_generated_config_switches_every_section_on() -> None:
 def test_every_accepted_key_is_documented_and_every_documented_key_is_accepted() -> None:
     accepted = accepted_keys()
     docs = set(documented())
-    assert not accepted - docs, f"keys the loader accepts, missing from {REFERENCE.name}: {sorted(accepted - docs)}"
-    assert not docs - accepted, f"keys {REFERENCE.name} documents that the loader refuses: {sorted(docs - accepted)}"
+    assert not accepted - docs, (
+        f"keys the loader accepts, missing from {REFERENCE.name}: {sorted(accepted - docs)}"
+    )
+    assert not docs - accepted, (
+        f"keys {REFERENCE.name} documents that the loader refuses: {sorted(docs - accepted)}"
+    )
 
 
 def test_every_field_of_the_config_objects_is_a_key_the_loader_accepts() -> None:
@@ -200,3 +204,15 @@ def test_the_reference_example_is_a_valid_config_with_every_key() -> None:
                 yield from paths(item, f"{prefix.rstrip('.')}[].")
 
     assert set(paths(data, "")) - {"upstreams.<name>"} == accepted_keys()
+
+
+def test_the_api_reference_shows_every_public_name() -> None:
+    import asgi_gateway
+
+    page = (REFERENCE.parent / "reference" / "api.md").read_text(encoding="utf-8")
+    shown = set(re.findall(r"^::: asgi_gateway\.(\w+)$", page, re.MULTILINE))
+    public = set(asgi_gateway.__all__)
+    assert not public - shown, f"public names missing from docs/reference/api.md: {sorted(public - shown)}"
+    assert not shown - public, (
+        f"docs/reference/api.md shows names that are not public: {sorted(shown - public)}"
+    )

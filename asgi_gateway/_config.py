@@ -57,6 +57,14 @@ INHERIT: Final = _Inherit()
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
+    """One server of an upstream: an entry of `upstreams.<name>.servers`.
+
+    Attributes:
+        url: `http://host[:port]` or `https://host[:port]`, with no path.
+        weight: Its share of traffic relative to the upstream's other servers (at least 1).
+        backup: A backup serves only while no primary is available.
+    """
+
     url: str
     weight: int = 1
     backup: bool = False
@@ -64,6 +72,13 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class HealthCheckConfig:
+    """Active health checks of an upstream: `upstreams.<name>.health_check`.
+
+    Every `interval` seconds each server gets `GET path`, bounded by `timeout`; a 2xx or
+    3xx answer passes. `unhealthy_threshold` failures in a row take a server down,
+    `healthy_threshold` passes in a row bring it back.
+    """
+
     path: str = "/healthz"
     interval: float = 5.0
     timeout: float = 1.0
@@ -73,6 +88,13 @@ class HealthCheckConfig:
 
 @dataclass(frozen=True, slots=True)
 class OutlierDetectionConfig:
+    """Passive outlier detection of an upstream: `upstreams.<name>.outlier_detection`.
+
+    `consecutive_failures` gateway failures in a row eject a server for
+    `base_ejection_time` seconds, doubled on each repeated ejection up to
+    `max_ejection_time`; at most `max_ejection_percent` of the servers are ejected at once.
+    """
+
     consecutive_failures: int = 5
     base_ejection_time: float = 30.0
     max_ejection_time: float = 300.0
@@ -81,6 +103,12 @@ class OutlierDetectionConfig:
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
+    """The retry policy of an upstream: `upstreams.<name>.retry`.
+
+    `attempts` counts every try, the first included. `retry_on` holds the condition names
+    `"connect-failure"`, `"reset"`, `"timeout"` and 5xx statuses as integers.
+    """
+
     attempts: int = 3
     retry_on: tuple[str | int, ...] = ("connect-failure", "reset", "timeout", 502, 503, 504)
     backoff_base: float = 0.025
@@ -92,6 +120,12 @@ class RetryConfig:
 
 @dataclass(frozen=True, slots=True)
 class TimeoutsConfig:
+    """The timeouts of an upstream, in seconds: `upstreams.<name>.timeouts`.
+
+    `connect` and `read` apply to each try; `total` bounds all tries and backoff until the
+    response head.
+    """
+
     connect: float = 2.0
     read: float = 30.0
     total: float = 60.0
@@ -99,6 +133,12 @@ class TimeoutsConfig:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
+    """One upstream: the mapping under `upstreams.<name>`, whose key is `name`.
+
+    `health_check` is None when active checks are off; `outlier_detection` is None when
+    passive detection is turned off (it is on by default).
+    """
+
     name: str
     servers: tuple[ServerConfig, ...]
     balancer: Literal["round_robin", "random", "weighted_random", "least_connections", "consistent_hash"] = (
@@ -115,6 +155,13 @@ class UpstreamConfig:
 
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
+    """One route: an entry of `routes`.
+
+    `methods` is None for any method and `host` None for any host. `max_body_size` and
+    `preserve_host` take the gateway-wide values unless set (None for `max_body_size`
+    means no limit).
+    """
+
     path: str
     upstream: str
     strip_prefix: bool = False
@@ -127,6 +174,13 @@ class RouteConfig:
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
+    """The whole configuration, typed and frozen; the mapping form's top level.
+
+    Build it with `load_config` from a mapping or a file, or directly from the config
+    objects; either way it is validated on construction and raises `ConfigError`.
+    `upstreams` maps each upstream's name to its `UpstreamConfig`.
+    """
+
     routes: tuple[RouteConfig, ...]
     upstreams: Mapping[str, UpstreamConfig]
     max_body_size: int | None = 10 * 1024 * 1024
@@ -146,8 +200,18 @@ class GatewayConfig:
 def load_config(source: GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]) -> GatewayConfig:
     """Build a validated `GatewayConfig` from a mapping, a file path or a config object.
 
-    Files may be `.toml`, `.yaml`/`.yml` or `.json`. Raises one `ConfigError` naming every
-    bad key path and value found; a file that cannot be read or parsed is a single error.
+    Args:
+        source: A mapping of the configuration schema, a path to a `.toml`, `.yaml`/`.yml`
+            (needs the `yaml` extra) or `.json` file, or a `GatewayConfig` (returned as it is).
+
+    Returns:
+        The validated, frozen configuration.
+
+    Raises:
+        ConfigError: The config is invalid or the file cannot be read or parsed. It names
+            every bad key path and value found, one line each, e.g.
+            `upstreams.users.servers[1].url: 'htp://x' is not an http(s) URL`; a file
+            that cannot be read or parsed is a single error.
     """
     if isinstance(source, GatewayConfig):
         return source

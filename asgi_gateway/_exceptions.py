@@ -51,7 +51,11 @@ __all__ = [
 
 
 class GatewayError(Exception):
-    """Base class of every error the gateway raises."""
+    """Base class of every error the gateway raises.
+
+    `status` and `code` are the HTTP status and the `error` field of the JSON body the
+    client gets; `detail` is its `detail` text.
+    """
 
     status: int = 500
     code: str = "internal_error"
@@ -81,24 +85,33 @@ class ConfigError(GatewayError, ValueError):
 
 
 class ClientRequestError(GatewayError):
-    """The client's request cannot be forwarded."""
+    """The client's request cannot be forwarded (a 4xx answer, never retried)."""
 
     status = 400
     code = "bad_request"
 
 
 class BadRequest(ClientRequestError):
+    """400 `bad_request`: an ambiguous path, invalid framing (`Content-Length`), oversized headers."""
+
     status = 400
     code = "bad_request"
 
 
 class PayloadTooLarge(ClientRequestError):
+    """413 `payload_too_large`: the request body is over `max_body_size`."""
+
     status = 413
     code = "payload_too_large"
 
 
 class UpstreamError(GatewayError):
-    """The upstream could not give a usable response."""
+    """The upstream could not give a usable response.
+
+    `retry_condition` is the `retry_on` condition the error counts as, if any;
+    `reached_upstream` is False when the request certainly never reached the server, so
+    that even a request that is not idempotent may be retried.
+    """
 
     status = 502
     code = "bad_gateway"
@@ -109,6 +122,11 @@ class UpstreamError(GatewayError):
 
 
 class UpstreamUnavailable(UpstreamError):
+    """503 `upstream_unavailable`, sent with `Retry-After: retry_after` (seconds, at least 1).
+
+    The request was not sent: no server to send it to, or no capacity for it.
+    """
+
     status = 503
     code = "upstream_unavailable"
     reached_upstream = False
@@ -119,11 +137,11 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class NoServerAvailable(UpstreamUnavailable):
-    pass
+    """No server of the upstream is available (all unhealthy or ejected, and no `panic`)."""
 
 
 class ConcurrencyLimitExceeded(UpstreamUnavailable):
-    pass
+    """The upstream already has `max_concurrent_requests` requests in flight."""
 
 
 class PoolTimeout(UpstreamUnavailable):
@@ -134,39 +152,53 @@ class PoolTimeout(UpstreamUnavailable):
 
 
 class BadGateway(UpstreamError):
+    """502 `bad_gateway`: the upstream could not be reached or gave no valid response."""
+
     status = 502
     code = "bad_gateway"
 
 
 class ConnectError(BadGateway):
+    """The connection could not be opened (refused, unreachable): retry condition `connect-failure`."""
+
     retry_condition = "connect-failure"
     reached_upstream = False
 
 
 class ConnectionReset(BadGateway):
+    """The connection closed before a full response head: retry condition `reset`."""
+
     retry_condition = "reset"
 
 
 class InvalidResponse(BadGateway):
+    """The upstream sent something that is not a valid HTTP/1.1 response: retry condition `reset`."""
+
     retry_condition = "reset"
 
 
 class GatewayTimeout(UpstreamError):
+    """504 `gateway_timeout`: a timeout ran out."""
+
     status = 504
     code = "gateway_timeout"
     retry_condition: str | None = "timeout"
 
 
 class ConnectTimeout(GatewayTimeout):
+    """`timeouts.connect` ran out: retry condition `connect-failure` (the request never left)."""
+
     retry_condition = "connect-failure"
     reached_upstream = False
 
 
 class ReadTimeout(GatewayTimeout):
-    pass
+    """`timeouts.read` ran out waiting for the response head or a body chunk: retry condition `timeout`."""
 
 
 class TotalTimeout(GatewayTimeout):
+    """`timeouts.total` ran out: never retried, there is no time left."""
+
     retry_condition = None
 
 

@@ -89,10 +89,26 @@ class Gateway:
 
     Mount it (`app.mount("/", gateway)`) with `FastAPI(lifespan=gateway.lifespan)`, or
     wrap an app with `GatewayMiddleware`, which sends the rest to that app instead.
+    Served on its own (`uvicorn module:gateway`), it handles the ASGI lifespan itself.
 
-    `config` is a mapping, a path to a .toml/.yaml/.yml/.json file or a `GatewayConfig`.
-    `transport`, an `httpx.AsyncClient` or `httpx.AsyncBaseTransport`, replaces the
-    built-in HTTP/1.1 client (for HTTP/2, custom TLS or test doubles).
+    Args:
+        config: A mapping, a path to a `.toml`/`.yaml`/`.yml`/`.json` file or a
+            `GatewayConfig`; validated here.
+        tracer_provider: The OpenTelemetry tracer provider for the gateway's spans
+            (default: the global one; the gateway never sets it).
+        meter_provider: The OpenTelemetry meter provider for its metrics (default: the
+            global one).
+        transport: An `httpx.AsyncClient` or `httpx.AsyncBaseTransport` (or a `Transport`
+            of your own) used instead of the built-in HTTP/1.1 client: HTTP/2, custom TLS,
+            test doubles. A client passed in stays yours to close.
+        app: The ASGI app that gets the requests no route matches (as `GatewayMiddleware`
+            passes it); None answers them 404.
+
+    Raises:
+        ConfigError: `config` is invalid.
+
+    Attributes:
+        config: The validated configuration.
     """
 
     def __init__(
@@ -119,7 +135,11 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Run the background work (health checks) and close connections on exit."""
+        """Run the background work (health checks) and close connections on exit.
+
+        An async context manager, for serving the gateway under something that has no
+        lifespan of its own: `async with gateway.running(): ...`.
+        """
         self._transport.open()
         self._running += 1
         try:
@@ -142,11 +162,20 @@ class Gateway:
                     await self._transport.aclose()
 
     def lifespan(self, app: object = None) -> contextlib.AbstractAsyncContextManager[None]:
-        """For `FastAPI(lifespan=gateway.lifespan)` / `Starlette(lifespan=...)`."""
+        """For `FastAPI(lifespan=gateway.lifespan)` / `Starlette(lifespan=...)`.
+
+        The gateway's health checks run and its connection pool stays open from the app's
+        startup to its shutdown, when its connections are closed.
+        """
         return self.running()
 
     def status(self) -> dict[str, Any]:
-        """Every upstream's servers and their state."""
+        """Every upstream's servers and their state, as JSON-able data.
+
+        `{"upstreams": {name: {"mode": ..., "available": ..., "servers": [...], ...}}}`:
+        the same view `status_path` serves. Each server has its `state` (`healthy`,
+        `unhealthy` or `ejected`), `available`, `in_flight`, ejection and failure counts.
+        """
         return {"upstreams": {name: stack.status() for name, stack in self.stacks.items()}}
 
     # -- ASGI ------------------------------------------------------------------------
@@ -359,9 +388,23 @@ async def _not_found(send: Any) -> None:
 class GatewayMiddleware:
     """Forward the requests that match a route; everything else reaches `app` untouched.
 
-    `app.add_middleware(GatewayMiddleware, config="gateway.toml")`. The keyword
-    arguments are those of `Gateway`. The gateway starts and stops with the app's
-    lifespan (health checks, connection pool).
+    `app.add_middleware(GatewayMiddleware, config="gateway.toml")`. The gateway starts and
+    stops with the app's lifespan (health checks, connection pool); without a lifespan the
+    pool opens on the first request and health checks do not run.
+
+    Args:
+        app: The wrapped ASGI app.
+        config: A mapping, a path to a `.toml`/`.yaml`/`.yml`/`.json` file or a
+            `GatewayConfig`; validated here.
+        tracer_provider: As for `Gateway`.
+        meter_provider: As for `Gateway`.
+        transport: As for `Gateway`.
+
+    Raises:
+        ConfigError: `config` is invalid.
+
+    Attributes:
+        gateway: The `Gateway` doing the work (`middleware.gateway.status()`).
     """
 
     def __init__(

@@ -114,10 +114,12 @@ class RequestBody:
 
     @property
     def replayable(self) -> bool:
+        """Whether the whole body is in `chunks`, so that it can be sent again."""
         return self._rest is None
 
     @property
     def empty(self) -> bool:
+        """Whether there is no body at all."""
         return self._rest is None and not any(self.chunks)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -156,7 +158,11 @@ EMPTY_BODY_CHUNKS: list[bytes] = []
 
 @dataclass(slots=True, eq=False)
 class Server:
-    """One configured upstream server, with the live state the layers keep on it."""
+    """One configured upstream server, with the live state the layers keep on it.
+
+    `url`, `weight` and `backup` come from its `ServerConfig`; `scheme`, `host` and
+    `port` are the URL's parts, and `index` its position in the upstream's `servers`.
+    """
 
     url: str
     scheme: str
@@ -180,6 +186,7 @@ class Server:
 
     @property
     def address(self) -> str:
+        """`host:port`."""
         return f"{self.host}:{self.port}"
 
     def __repr__(self) -> str:
@@ -214,9 +221,12 @@ class Exchange:
 class Request:
     """A request on its way upstream.
 
-    `target` is the raw path and query as they go on the request line. `headers`
-    hold no Host: the transport sends `host` when set (preserve_host) or the
-    server's own. The failover layer sets `server` for each attempt.
+    `target` is the raw path and query as they go on the request line. `headers` are
+    raw `(name, value)` byte pairs, hop-by-hop headers already removed and the
+    gateway's own added; they hold no Host and no framing headers: the transport sends
+    `host` when set (preserve_host) or the server's own, and frames `body` itself.
+    The failover layer sets `server` for each attempt; `connect_timeout` and
+    `read_timeout` are the upstream's `timeouts` for this try.
     """
 
     method: str
@@ -250,7 +260,11 @@ CloseCallback = Callable[["Response", "BaseException | None"], None]
 
 @dataclass(slots=True, eq=False)
 class Response:
-    """A response coming back from upstream. Always `aclose()` it."""
+    """A response coming back from upstream. Always `aclose()` it.
+
+    `headers` are raw `(name, value)` byte pairs with lower-case names; `stream` is the
+    body, iterated for its chunks after the head has been returned.
+    """
 
     status: int
     headers: Headers
@@ -282,7 +296,12 @@ class Response:
 
 
 class Handler(abc.ABC):
-    """The one interface every layer and transport implements."""
+    """The one interface every layer and transport implements.
+
+    Each layer (retry, failover, telemetry) wraps the handler below it; a transport is
+    the bottom one. `handle_request` returns as soon as the response head is in, with
+    the body still to be read from `Response.stream`.
+    """
 
     @abc.abstractmethod
     async def handle_request(self, request: Request) -> Response:
@@ -296,7 +315,15 @@ class Handler(abc.ABC):
 
 
 class Transport(Handler):
-    """The bottom of the stack: sends `request` to `request.server` on the wire."""
+    """The bottom of the stack: sends `request` to `request.server` on the wire.
+
+    Pass an instance as `transport=` to `Gateway` or `GatewayMiddleware` to replace the
+    built-in HTTP/1.1 client. It must translate its own errors into the gateway's
+    exceptions (`ConnectError`, `ConnectTimeout`, `ReadTimeout`, `ConnectionReset`,
+    `InvalidResponse`, ...): the retry and failover layers decide on those. It may send
+    a request a second time (on a fresh connection, say) only when the method is
+    idempotent or the request carries an `Idempotency-Key` header.
+    """
 
 
 class GatewayEvents:

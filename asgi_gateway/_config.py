@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import math
 import os
 import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
@@ -292,9 +293,14 @@ class _Reader:
     config is still checked; what was read is thrown away if any error was reported.
     """
 
-    def __init__(self, data: Any, path: str, allowed: Sequence[str], errors: _Errors) -> None:
+    def __init__(
+        self, data: Any, path: str, allowed: Sequence[str], errors: _Errors, model: type | None = None
+    ) -> None:
         self.errors = errors
         self.path = path
+        #: The defaults of the keys, from the fields of the model they are read into: written
+        #: once, there.
+        self.defaults = _defaults(model) if model is not None else {}
         if not isinstance(data, Mapping):
             errors.add(path or "config", f"{data!r} is not a mapping")
             data = {}
@@ -312,14 +318,20 @@ class _Reader:
     def raw(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
 
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.data.get(key, default)
+    def default(self, key: str) -> Any:
+        return self.defaults[key]
+
+    def boolean(self, key: str) -> Any:
+        if key not in self.data:
+            return self.defaults[key]
+        value = self.data[key]
         if not isinstance(value, bool):
             self.errors.add(self.where(key), f"{value!r} is not true or false")
-            return default
+            return self.defaults[key]
         return value
 
-    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
+    def string(self, key: str, *, required: bool = False) -> str | None:
+        default = None if required else self.defaults[key]
         if key not in self.data:
             if required:
                 self.errors.add(self.where(key), "is required")
@@ -332,7 +344,8 @@ class _Reader:
             return default
         return value
 
-    def number(self, key: str, default: float, *, minimum: float = 0.0, strict: bool = True) -> float:
+    def number(self, key: str, *, minimum: float = 0.0, strict: bool = True) -> float:
+        default = self.defaults[key]
         value = self.data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             self.errors.add(self.where(key), f"{value!r} is not a number")
@@ -343,8 +356,11 @@ class _Reader:
             return float(default)
         return float(value)
 
-    def integer(self, key: str, default: int, *, minimum: int = 1) -> int:
-        value = self.data.get(key, default)
+    def integer(self, key: str, *, minimum: int = 1) -> int:
+        # A size limit's default may be INHERIT; only ever returned for a bad value, which
+        # throws the whole config away.
+        default: int = self.defaults[key] if isinstance(self.defaults[key], int) else minimum
+        value = self.data.get(key, self.defaults[key])
         if isinstance(value, bool) or not isinstance(value, int):
             self.errors.add(self.where(key), f"{value!r} is not an integer")
             return default
@@ -352,6 +368,18 @@ class _Reader:
             self.errors.add(self.where(key), f"{value!r} must be at least {minimum}")
             return default
         return value
+
+
+@functools.cache
+def _defaults(model: type) -> dict[str, Any]:
+    """The default of every field of a config dataclass that has one."""
+    defaults: dict[str, Any] = {}
+    for spec in fields(model):
+        if spec.default is not MISSING:
+            defaults[spec.name] = spec.default
+        elif spec.default_factory is not MISSING:
+            defaults[spec.name] = spec.default_factory()
+    return defaults
 
 
 def _optional_section(reader: _Reader, key: str, on_by_default: bool) -> tuple[bool, Any]:
@@ -387,6 +415,7 @@ def from_mapping(data: Any) -> GatewayConfig:
             "max_message_size",
         ),
         errors,
+        GatewayConfig,
     )
     raw_upstreams = top.raw("upstreams")
     # Routes are checked against the upstream names even when an upstream's own spec is bad;
@@ -413,13 +442,13 @@ def from_mapping(data: Any) -> GatewayConfig:
             _check_upstream(f"upstreams.{name}", upstream, errors)
             upstreams[str(name)] = upstream
 
-    max_body_size = _size_limit(top, "max_body_size", 10 * 1024 * 1024)
-    max_message_size = _size_limit(top, "max_message_size", 1024 * 1024)
+    max_body_size = _size_limit(top, "max_body_size")
+    max_message_size = _size_limit(top, "max_message_size")
     trusted = top.raw("trusted_proxies", [])
     if not isinstance(trusted, list) or not all(isinstance(item, str) for item in trusted):
         errors.add("trusted_proxies", f"{trusted!r} is not a list of addresses or CIDRs")
         trusted = []
-    preserve_host = top.boolean("preserve_host", False)
+    preserve_host = top.boolean("preserve_host")
     status_path = top.string("status_path")
     _check_settings(
         max_body_size if isinstance(max_body_size, int) else None,
@@ -440,13 +469,14 @@ def from_mapping(data: Any) -> GatewayConfig:
     )
 
 
-def _size_limit(reader: _Reader, key: str, default: int | _Inherit | None) -> int | _Inherit | None:
+def _size_limit(reader: _Reader, key: str) -> int | _Inherit | None:
     if not reader.has(key):
-        return default
+        result: int | _Inherit | None = reader.default(key)
+        return result
     value = reader.raw(key)
     if value is None:
         return None
-    return reader.integer(key, 0, minimum=0)
+    return reader.integer(key, minimum=0)
 
 
 def _route(path: str, data: Any, errors: _Errors) -> RouteConfig:
@@ -464,6 +494,7 @@ def _route(path: str, data: Any, errors: _Errors) -> RouteConfig:
             "max_message_size",
         ),
         errors,
+        RouteConfig,
     )
     methods = reader.raw("methods")
     if methods is not None:
@@ -475,12 +506,12 @@ def _route(path: str, data: Any, errors: _Errors) -> RouteConfig:
     return RouteConfig(
         path=reader.string("path", required=True) or "/",
         upstream=reader.string("upstream", required=True) or "",
-        strip_prefix=reader.boolean("strip_prefix", False),
+        strip_prefix=reader.boolean("strip_prefix"),
         methods=methods,
         host=reader.string("host"),
-        max_body_size=_size_limit(reader, "max_body_size", INHERIT),
-        preserve_host=reader.boolean("preserve_host", False) if reader.has("preserve_host") else INHERIT,
-        max_message_size=_size_limit(reader, "max_message_size", INHERIT),
+        max_body_size=_size_limit(reader, "max_body_size"),
+        preserve_host=reader.boolean("preserve_host"),
+        max_message_size=_size_limit(reader, "max_message_size"),
     )
 
 
@@ -501,6 +532,7 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
             "panic",
         ),
         errors,
+        UpstreamConfig,
     )
     raw_servers = reader.raw("servers")
     servers = []
@@ -510,12 +542,12 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
     for i, spec in enumerate(raw_servers):
         if isinstance(spec, str):
             spec = {"url": spec}
-        server = _Reader(spec, f"{path}.servers[{i}]", ("url", "weight", "backup"), errors)
+        server = _Reader(spec, f"{path}.servers[{i}]", ("url", "weight", "backup"), errors, ServerConfig)
         servers.append(
             ServerConfig(
                 url=server.string("url", required=True) or "",
-                weight=server.integer("weight", 1, minimum=1),
-                backup=server.boolean("backup", False),
+                weight=server.integer("weight", minimum=1),
+                backup=server.boolean("backup"),
             )
         )
 
@@ -527,13 +559,14 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
             reader.where("health_check"),
             ("path", "interval", "timeout", "healthy_threshold", "unhealthy_threshold"),
             errors,
+            HealthCheckConfig,
         )
         health_check = HealthCheckConfig(
-            path=check.string("path", "/healthz") or "/healthz",
-            interval=check.number("interval", 5.0),
-            timeout=check.number("timeout", 1.0),
-            healthy_threshold=check.integer("healthy_threshold", 2),
-            unhealthy_threshold=check.integer("unhealthy_threshold", 2),
+            path=check.string("path") or "",
+            interval=check.number("interval"),
+            timeout=check.number("timeout"),
+            healthy_threshold=check.integer("healthy_threshold"),
+            unhealthy_threshold=check.integer("unhealthy_threshold"),
         )
 
     outlier_on, outlier_data = _optional_section(reader, "outlier_detection", True)
@@ -544,12 +577,13 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
             reader.where("outlier_detection"),
             ("consecutive_failures", "base_ejection_time", "max_ejection_time", "max_ejection_percent"),
             errors,
+            OutlierDetectionConfig,
         )
         outlier = OutlierDetectionConfig(
-            consecutive_failures=od.integer("consecutive_failures", 5),
-            base_ejection_time=od.number("base_ejection_time", 30.0),
-            max_ejection_time=od.number("max_ejection_time", 300.0),
-            max_ejection_percent=od.number("max_ejection_percent", 50, strict=False),
+            consecutive_failures=od.integer("consecutive_failures"),
+            base_ejection_time=od.number("base_ejection_time"),
+            max_ejection_time=od.number("max_ejection_time"),
+            max_ejection_percent=od.number("max_ejection_percent", strict=False),
         )
 
     retry_reader = _Reader(
@@ -565,40 +599,45 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
             "buffer_limit",
         ),
         errors,
+        RetryConfig,
     )
-    retry_on = retry_reader.raw("retry_on", list(RetryConfig().retry_on))
+    retry_on = retry_reader.raw("retry_on", list(retry_reader.default("retry_on")))
     if not isinstance(retry_on, list):
         errors.add(retry_reader.where("retry_on"), f"{retry_on!r} is not a list")
-        retry_on = list(RetryConfig().retry_on)
+        retry_on = list(retry_reader.default("retry_on"))
     retry = RetryConfig(
-        attempts=retry_reader.integer("attempts", 3),
+        attempts=retry_reader.integer("attempts"),
         retry_on=tuple(retry_on),
-        backoff_base=retry_reader.number("backoff_base", 0.025, strict=False),
-        backoff_max=retry_reader.number("backoff_max", 0.25, strict=False),
-        budget_ratio=retry_reader.number("budget_ratio", 0.2, strict=False),
-        budget_min_per_second=retry_reader.number("budget_min_per_second", 10, strict=False),
-        buffer_limit=retry_reader.integer("buffer_limit", 65536, minimum=0),
+        backoff_base=retry_reader.number("backoff_base", strict=False),
+        backoff_max=retry_reader.number("backoff_max", strict=False),
+        budget_ratio=retry_reader.number("budget_ratio", strict=False),
+        budget_min_per_second=retry_reader.number("budget_min_per_second", strict=False),
+        buffer_limit=retry_reader.integer("buffer_limit", minimum=0),
     )
 
     timeouts_reader = _Reader(
-        reader.raw("timeouts", {}), reader.where("timeouts"), ("connect", "read", "total"), errors
+        reader.raw("timeouts", {}),
+        reader.where("timeouts"),
+        ("connect", "read", "total"),
+        errors,
+        TimeoutsConfig,
     )
     timeouts = TimeoutsConfig(
-        connect=timeouts_reader.number("connect", 2.0),
-        read=timeouts_reader.number("read", 30.0),
-        total=timeouts_reader.number("total", 60.0),
+        connect=timeouts_reader.number("connect"),
+        read=timeouts_reader.number("read"),
+        total=timeouts_reader.number("total"),
     )
     return UpstreamConfig(
         name=name,
         servers=tuple(servers),
-        balancer=reader.string("balancer", "round_robin"),  # type: ignore[arg-type]  # checked in _check_upstream()
+        balancer=reader.string("balancer"),  # type: ignore[arg-type]  # checked in _check_upstream()
         hash_on=reader.string("hash_on"),
         health_check=health_check,
         outlier_detection=outlier,
         retry=retry,
         timeouts=timeouts,
-        max_concurrent_requests=reader.integer("max_concurrent_requests", 1000),
-        panic=reader.boolean("panic", False),
+        max_concurrent_requests=reader.integer("max_concurrent_requests"),
+        panic=reader.boolean("panic"),
     )
 
 

@@ -6,6 +6,8 @@
   own event loop; `serve_app` is a context manager yielding the base URL.
 - `RawConnection` / `raw_request`: send exact bytes, parse the response with h11 and say whether
   it ended cleanly (`complete`) or the connection was cut mid-body.
+- `ScriptedServer(script)`: a raw TCP server playing `script(conn, n)` on each connection, for
+  exact bytes and failures at exact points (`read_head`, `reset_close` help).
 - `wait_until(predicate, timeout)`: poll with a deadline instead of sleeping and hoping.
 
 Nothing here imports asgi_gateway at module level, so helpers can import it before the
@@ -44,6 +46,7 @@ __all__ = [
     "GatewayServer",
     "RawConnection",
     "RawResponse",
+    "ScriptedServer",
     "UpstreamProcess",
     "Upstreams",
     "free_port",
@@ -51,6 +54,8 @@ __all__ = [
     "make_host_app",
     "transport_kwargs",
     "raw_request",
+    "read_head",
+    "reset_close",
     "serve_app",
     "start_upstreams",
     "wait_until",
@@ -606,6 +611,98 @@ class BrokenServer:
         self.listener.close()
         for conn in self._open:
             conn.close()
+
+
+def read_head(conn: socket.socket, limit: int = 1 << 20) -> bytes:
+    """Read from `conn` until a blank line ends a request head: that head and whatever came with
+    it; b"" if the peer closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < limit:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
+def reset_close(conn: socket.socket) -> None:
+    """Close `conn` with a TCP RST instead of a FIN (SO_LINGER 0)."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+class ScriptedServer:
+    """A TCP server on 127.0.0.1 that plays `script(conn, number)` on each connection it accepts.
+
+    For exact bytes and failures at exact points of an exchange: the script reads and writes
+    the raw socket (`read_head`, `reset_close` help), each connection in a thread of its own so a
+    script may wait on an event the test sets. `connections` counts the accepted connections;
+    `errors` keeps what a script raised other than OSError, for the test to check. On exit every
+    connection still open is closed (a script blocked on it then gets an OSError).
+    """
+
+    def __init__(self, script: Callable[[socket.socket, int], None], *, timeout: float = 10.0) -> None:
+        self.script = script
+        self.timeout = timeout
+        self.listener = listening_socket(64)
+        self.port: int = self.listener.getsockname()[1]
+        self.connections = 0
+        self.errors: list[BaseException] = []
+        self._open: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"scripted-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._done.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            conn.settimeout(self.timeout)
+            self._open.append(conn)
+            thread = threading.Thread(
+                target=self._play,
+                args=(conn, self.connections),
+                name=f"scripted-{self.port}-{self.connections}",
+            )
+            thread.daemon = True
+            self._threads.append(thread)
+            thread.start()
+
+    def _play(self, conn: socket.socket, number: int) -> None:
+        try:
+            self.script(conn, number)
+        except OSError:
+            pass
+        except BaseException as exc:
+            self.errors.append(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def __enter__(self) -> ScriptedServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+        self._thread.join(5)
+        self.listener.close()
+        for conn in self._open:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
+        for thread in self._threads:
+            thread.join(5)
 
 
 # -- raw HTTP ------------------------------------------------------------------------------

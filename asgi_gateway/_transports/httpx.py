@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Final
 
 import httpx
 
@@ -19,6 +20,11 @@ from .._exceptions import (
 from .._types import Request, Response, Transport
 
 __all__ = ["HttpxTransport", "map_httpx_error"]
+
+# The built-in pool's limit on a response head's header lines, held here too.
+_MAX_HEAD: Final = 65536
+# Statuses whose responses never have a body (RFC 9112 6.3).
+_BODILESS: Final = frozenset({*range(100, 200), 204, 304})
 
 
 class _NoCookies(httpx.Cookies):
@@ -51,10 +57,11 @@ def map_httpx_error(exc: httpx.TransportError) -> UpstreamError:
 
 
 class _Stream:
-    __slots__ = ("_response",)
+    __slots__ = ("_bodiless", "_response")
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, bodiless: bool) -> None:
         self._response = response
+        self._bodiless = bodiless
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
@@ -67,7 +74,16 @@ class _Stream:
             raise map_httpx_error(exc) from exc
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        response = self._response
+        if self._bodiless and not response.is_stream_consumed:
+            # Closed unread, httpcore would drop the connection; reading the end of a response
+            # that has no body takes no I/O and keeps it.
+            try:
+                async for _ in response.aiter_raw():
+                    pass
+            except httpx.TransportError:
+                pass
+        await response.aclose()
 
 
 class HttpxTransport(Transport):
@@ -119,6 +135,14 @@ class HttpxTransport(Transport):
             response = await self._client.send(http_request, stream=True)
         except httpx.TransportError as exc:
             raise map_httpx_error(exc) from exc
+        headers = []
+        size = 0
+        for name, value in response.headers.raw:
+            size += len(name) + len(value) + 4
+            headers.append((name.lower(), value))
+        if size > _MAX_HEAD:
+            await response.aclose()
+            raise InvalidResponse(f"response head from {server.url} is too large")
         network = response.extensions.get("network_stream")
         peer = None
         if network is not None:
@@ -127,8 +151,8 @@ class HttpxTransport(Transport):
                 peer = str(address[0])
         return Response(
             status=response.status_code,
-            headers=[(name.lower(), value) for name, value in response.headers.raw],
-            stream=_Stream(response),
+            headers=headers,
+            stream=_Stream(response, request.method == "HEAD" or response.status_code in _BODILESS),
             server=server,
             peer_address=peer,
         )

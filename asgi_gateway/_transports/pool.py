@@ -8,7 +8,8 @@ connection, and a response that arrived whole with its head is handed over witho
 
 Back-pressure works both ways: request bodies wait for `resume_writing` when the socket's
 buffer is full, and the socket stops being read while more than `_HIGH_WATER` bytes of
-response body sit unconsumed.
+response body sit unconsumed. A streamed request body goes up from a task of its own, so
+that a response head arriving first is taken at once.
 
 asyncio only: under trio the gateway uses the httpx adapter instead.
 """
@@ -18,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import ssl
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from time import monotonic
 from types import TracebackType
 from typing import Any, Final, cast
@@ -43,8 +45,10 @@ __all__ = ["PoolTransport"]
 
 # Unconsumed response body above which the socket is no longer read.
 _HIGH_WATER: Final = 65536
-# A response head (status line and headers) larger than this is refused.
+# A response head (its header lines) larger than this is refused, whatever the reads it came in.
 _MAX_HEAD: Final = 65536
+# Statuses whose responses never have a body, whatever their headers say (RFC 9112 6.3).
+_BODILESS: Final = frozenset({204, 304})
 _NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 _METHODS: Final = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -70,22 +74,24 @@ class _Connection(asyncio.Protocol):
         "_active",
         "_body_sent",
         "_buffered",
+        "_chunked",
         "_chunks",
+        "_coding",
         "_done",
         "_error",
         "_framed",
-        "_head_bytes",
         "_head_done",
+        "_head_read",
         "_headers",
         "_is_head",
         "_keep_alive",
         "_parser",
-        "_raw",
         "_read_paused",
         "_status",
         "_timer",
         "_transport",
         "_waiter",
+        "_writable",
         "_write_paused",
         "closed",
         "idle",
@@ -111,6 +117,8 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[bool] | None = None
         self._timer: CoarseTimer | None = None
         self._write_paused = False
+        #: What a request body upload waits on while the socket's write buffer is full.
+        self._writable: asyncio.Future[bool] | None = None
         self._chunks: list[bytes] = []
         self._active = False
         self._is_head = False
@@ -120,15 +128,18 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_done = False
-        self._head_bytes = 0
+        #: Bytes read up to and including the one that completed the head.
+        self._head_read = 0
         self._framed = False
+        self._chunked = False
+        #: A Transfer-Encoding other than chunked, if the response has one.
+        self._coding: bytes | None = None
         self._buffered = 0
         self._read_paused = False
         self._done = False
         self.received = False
         self._error: Exception | None = None
         self._keep_alive = True
-        self._raw = False
         self._body_sent = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -141,10 +152,6 @@ class _Connection(asyncio.Protocol):
             self.peer_address = str(peer[0])
 
     def data_received(self, data: bytes) -> None:
-        if self._raw:
-            self.on_body(data)
-            self._wake()
-            return
         if not self._active or self._done:
             # Bytes nobody asked for: this connection's framing can no longer be trusted.
             self._keep_alive = False
@@ -152,29 +159,31 @@ class _Connection(asyncio.Protocol):
                 self.close()
             return
         self.received = True
+        if not self._head_done:
+            self._head_read += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            rest = data[int(exc.args[0]) :]
-            if rest:
-                self.on_body(rest)
         except httptools.HttpParserError as exc:
+            # A callback's own refusal is in `_error` already, and `_fail` keeps the first.
             if not self._done:
                 self._fail(InvalidResponse(f"invalid response from {self.pool.label}: {exc}"))
             self._keep_alive = False
         else:
-            if not self._head_done:
-                self._head_bytes += len(data)
-                if self._head_bytes > _MAX_HEAD:
-                    self._fail(InvalidResponse(f"response head from {self.pool.label} is too large"))
+            if not self._head_done and self._head_read > _MAX_HEAD:
+                # A head arriving in pieces is buffered by the parser until its lines end.
+                self._fail(InvalidResponse(f"response head from {self.pool.label} is too large"))
         self._wake()
 
     def eof_received(self) -> bool:
-        self._lost(None)
+        # Only a clean close ends a close-delimited body. The stdlib's TLS transport reports a
+        # close without close_notify as a plain EOF (uvloop's calls connection_lost instead).
+        self._lost(None, self.pool.ssl is None or _closed_cleanly(self._transport))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost(exc)
+        # Without eof_received before it: a reset, an abort, or TLS ended without close_notify.
+        self._lost(exc, False)
+        self._writable_again()
         if not self.closed:
             self.closed = True
             self.pool.discard(self)
@@ -184,7 +193,14 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._wake()
+        self._writable_again()
+
+    def _writable_again(self) -> None:
+        writable = self._writable
+        if writable is not None:
+            self._writable = None
+            if not writable.done():
+                writable.set_result(True)
 
     # -- httptools callbacks --------------------------------------------------------------
 
@@ -197,30 +213,45 @@ class _Connection(asyncio.Protocol):
         if self._head_done:
             return  # a chunked body's trailer: the head was handed over already
         name = name.lower()
-        if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
+        if name == b"content-length":
             self._framed = True
+        elif name == b"transfer-encoding":
+            # Only chunked is undone here. Any other coding would reach the client still applied
+            # and no longer named (the header is hop-by-hop): refused below, as nginx does.
+            if self._chunked or (value != b"chunked" and value.strip().lower() != b"chunked"):
+                self._coding = value
+            self._chunked = self._framed = True
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
-        if status < 200 and status != 101:
+        if status < 200:
+            if status == 101:
+                # The gateway never asks a pooled connection to switch protocols (RFC 9110 15.2.2).
+                self._refuse(f"{self.pool.label} switched protocols on a plain request")
             # Interim response (100 Continue, 103 Early Hints): the real one follows.
             self._headers = []
-            self._framed = False
+            self._framed = self._chunked = False
+            self._coding = None
             return
-        self._status = status
-        self._head_done = True
-        if status == 101:
-            # Switching Protocols: what follows the head is the new protocol's, up to EOF.
-            self._raw = True
-            self._keep_alive = False
-            return
-        self._keep_alive = parser.should_keep_alive()
+        if self._head_read > _MAX_HEAD and _head_size(self._headers) > _MAX_HEAD:
+            # Whole in one read (or the last of a few), the head was not caught piece by piece.
+            self._refuse(f"response head from {self.pool.label} is too large")
         if self._is_head:
             # httptools cannot be told the request was HEAD, so it would wait for the body that
-            # Content-Length announces: the response ends here, and the parser is replaced.
+            # Content-Length announces (or, without one, for the close): the response ends
+            # here, and the parser is replaced.
             self._done = True
+            self._keep_alive = _keeps_alive(parser.get_http_version(), self._headers)
+        else:
+            if self._coding is not None and status not in _BODILESS:
+                self._refuse(
+                    f"{self.pool.label} sent a body with Transfer-Encoding {self._coding.decode('latin-1')!r}"
+                )
+            self._keep_alive = parser.should_keep_alive()
+        self._status = status
+        self._head_done = True
 
     def on_body(self, body: bytes) -> None:
         if self._done:
@@ -233,8 +264,14 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def on_message_complete(self) -> None:
-        if self._head_done and not self._raw:
+        if self._head_done:
             self._done = True
+
+    def _refuse(self, detail: str) -> None:
+        """Fail the exchange with InvalidResponse; raised, it also stops the parser."""
+        if self._error is None:
+            self._error = InvalidResponse(detail)
+        raise self._error
 
     # -- state changes --------------------------------------------------------------------
 
@@ -252,18 +289,23 @@ class _Connection(asyncio.Protocol):
             self._timer = None
             timer.cancel()
 
-    def _lost(self, exc: Exception | None) -> None:
-        """The peer closed the connection (EOF) or it broke."""
+    def _lost(self, exc: Exception | None, clean: bool) -> None:
+        """The peer closed the connection (EOF; `clean` unless TLS ended without close_notify) or it broke."""
         self._keep_alive = False
         if not self._active:
             self.close()
             return
         if not self._done and self._error is None:
-            if self._raw or (self._head_done and not self._framed):
+            if clean and self._head_done and not self._framed:
                 self._done = True  # a close-delimited body ends here
             else:
                 where = "the response body" if self._head_done else "any response"
-                reason = f": {exc}" if exc is not None else ""
+                if exc is not None:
+                    reason = f": {exc}"
+                elif not clean:
+                    reason = " (no TLS close_notify)" if self.pool.ssl is not None else ""
+                else:
+                    reason = ""
                 self._error = ConnectionReset(
                     f"{self.pool.label} closed the connection before the end of {where}{reason}"
                 )
@@ -376,11 +418,50 @@ class _Connection(asyncio.Protocol):
     async def _send_streamed(
         self, request: Request, length: int | None, chunked: bool, read_timeout: float | None
     ) -> None:
+        """Send the head, then the body, until all of it is sent or the response head comes first.
+
+        The body goes from a task of its own, so that an upstream answering early (401, 413)
+        is heard at once rather than when the client's next chunk arrives. Then the body stops
+        being read and sent, its iterator closed before this returns, and the connection,
+        left in the middle of a request, is never reused.
+        """
         transport = self._transport
         assert transport is not None
         transport.write(_encode_head(request, length, chunked))
-        body = request.body
-        iterator = body.__aiter__()
+        iterator = request.body.__aiter__()
+        coroutine = self._upload(iterator, length, chunked, read_timeout)
+        upload = self.loop.create_task(coroutine)
+        upload.add_done_callback(self._upload_ended)
+        try:
+            while not self._head_done and not upload.done():
+                if self._error is not None:
+                    raise self._error
+                await self.wait(None)
+        finally:
+            if not upload.done():
+                upload.cancel()
+                if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
+                    # Cancelled before it ran, it never will: the iterator is closed here.
+                    await _aclose(iterator)
+                else:
+                    # It closes the iterator as it ends: nothing may still be reading the
+                    # client's body once this returns.
+                    await asyncio.wait((upload,))
+            error = upload.exception() if upload.done() and not upload.cancelled() else None
+        if error is not None and not self._head_done:
+            raise error
+
+    def _upload_ended(self, upload: asyncio.Task[None]) -> None:
+        if not upload.cancelled():
+            # Retrieved, so that one outrun by the response head or a cancellation is not logged.
+            upload.exception()
+        self._wake()
+
+    async def _upload(
+        self, iterator: AsyncIterator[bytes], length: int | None, chunked: bool, read_timeout: float | None
+    ) -> None:
+        transport = self._transport
+        assert transport is not None
         sent = 0
         try:
             async for chunk in iterator:
@@ -397,9 +478,7 @@ class _Connection(asyncio.Protocol):
                 if self._write_paused:
                     await self._drain(read_timeout)
         finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await _aclose(iterator)
         if length is not None and sent != length:
             raise BadRequest(f"request body ended after {sent} of {length} bytes")
         if self.closed:
@@ -410,8 +489,17 @@ class _Connection(asyncio.Protocol):
 
     async def _drain(self, read_timeout: float | None) -> None:
         deadline = self._deadline(read_timeout)
-        while self._write_paused and not self.closed and not self._head_done:
-            if not await self.wait(deadline):
+        while self._write_paused and not self.closed:
+            writable = self._writable = self.loop.create_future()
+            timer = (
+                None if deadline is None else coarse_timers(self.loop).call_at(deadline, _expire, writable)
+            )
+            try:
+                taken = await writable
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if not taken:
                 raise ReadTimeout(f"{self.pool.label} did not take the request body within {read_timeout}s")
 
     def take(self) -> bytes:
@@ -481,6 +569,44 @@ class _BodyStream:
 
 
 _EMPTY: Final = BufferedStream(b"")
+
+
+async def _aclose(iterator: AsyncIterator[bytes]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _head_size(headers: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+def _keeps_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response's connection may carry another exchange, by its version and Connection."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    if b"close" in tokens:
+        return False
+    return version != "1.0" or b"keep-alive" in tokens
+
+
+def _closed_cleanly(transport: asyncio.Transport | None) -> bool:
+    """Whether a TLS connection at EOF received the peer's close_notify.
+
+    Everything the peer sent has been decrypted by then; a read on the TLS object gives b""
+    once close_notify has come, and wants more data (SSLWantReadError) when it never did.
+    """
+    ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return True
+    try:
+        return cast(bytes, ssl_object.read(1)) == b""
+    except ssl.SSLZeroReturnError:
+        return True
+    except ssl.SSLError:
+        return False
 
 
 def _encode_head(

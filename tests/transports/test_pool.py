@@ -13,14 +13,16 @@ import random
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from servers import serve_app
+from servers import ScriptedServer, serve_app
 
 from asgi_gateway._config import ServerConfig, UpstreamConfig
 from asgi_gateway._exceptions import (
@@ -536,19 +538,133 @@ async def test_no_reuse_when_upstream_says_close(transport: PoolTransport, respo
 
 
 @pytest.mark.anyio
-async def test_switching_protocols_is_final_and_raw(transport: PoolTransport) -> None:
+async def test_switching_protocols_on_a_plain_request_is_invalid(transport: PoolTransport) -> None:
+    # The pool never asks to switch (the gateway removes Upgrade): a 101 is an invalid answer.
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nraw1")
-        await writer.drain()
-        writer.write(b"raw2")
-        writer.close()
+        await server.wait_client_eof(reader)
 
     async with RawServer(handler) as server:
-        response, body = await fetch(transport, make_request(server.url_server))
-        assert response.status == 101
-        assert body == b"raw1raw2"
+        with pytest.raises(InvalidResponse, match="switched protocols"):
+            await transport.handle_request(make_request(server.url_server))
         assert transport.connection_count(server.url_server) == 0
+        await wait_for(lambda: server.closed_by_client == 1)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Transfer-Encoding: gzip\r\n",
+        b"Transfer-Encoding: gzip, chunked\r\n",
+        b"Transfer-Encoding: chunked, gzip\r\n",
+        b"Transfer-Encoding: chunked, chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+    ],
+    ids=["gzip", "gzip-chunked", "chunked-gzip", "chunked-twice", "two-chunked-headers", "two-headers"],
+)
+async def test_transfer_codings_other_than_chunked_are_invalid(
+    transport: PoolTransport, framing: bytes
+) -> None:
+    # Transfer-Encoding is hop-by-hop: a coding not undone here would reach the client unnamed.
+    response = b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n5\r\nhello\r\n0\r\n\r\n"
+    async with raw_server(response) as server:
+        with pytest.raises(InvalidResponse, match="Transfer-Encoding"):
+            await transport.handle_request(make_request(server.url_server))
+        assert transport.connection_count(server.url_server) == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", [b"Chunked", b"chunked "], ids=["case", "whitespace"])
+async def test_chunked_is_recognised_in_any_case(transport: PoolTransport, value: bytes) -> None:
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + value + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    async with raw_server(response) as server:
+        for _ in range(2):
+            _, body = await fetch(transport, make_request(server.url_server))
+            assert body == b"hello"
+        assert server.accepted == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("method", "head"),
+    [
+        ("HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+        ("GET", b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+    ],
+    ids=["head", "304"],
+)
+async def test_any_transfer_coding_is_fine_without_a_body(
+    transport: PoolTransport, method: str, head: bytes
+) -> None:
+    # RFC 9112 6.1: such answers may name the coding the body would have had.
+    async with raw_server(head) as server:
+        response, body = await fetch(transport, make_request(server.url_server, method))
+        assert body == b""
+        assert response.status in (200, 304)
+
+
+@pytest.mark.anyio
+async def test_response_head_over_the_limit_in_one_read_is_invalid(transport: PoolTransport) -> None:
+    big = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 100_000 + b"\r\nContent-Length: 2\r\n\r\nok"
+    written = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await read_request(reader)
+        writer.write(big)
+        await wait_for(lambda: writer.transport.get_write_buffer_size() == 0)
+        written.set()
+        await server.wait_client_eof(reader)
+
+    async with RawServer(handler) as server:
+        target = server.url_server
+        await fetch(transport, make_request(target))
+        (conn,) = transport._pools[("http", HOST, server.port)].connections
+        # Not read until all of it is in: the whole head then comes in one read.
+        conn._transport.pause_reading()
+        answer = asyncio.ensure_future(transport.handle_request(make_request(target)))
+        await written.wait()
+        conn._transport.resume_reading()
+        with pytest.raises(InvalidResponse, match="too large"):
+            await answer
+        assert transport.connection_count(target) == 0
+
+
+# -- bodiless answers -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("head", "reused"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", True),
+        (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", False),
+        (b"HTTP/1.0 200 OK\r\n\r\n", False),
+    ],
+    ids=["no-length", "chunked", "http-1.0-keep-alive", "connection-close", "http-1.0"],
+)
+async def test_head_answer_keeps_its_connection_without_content_length(
+    transport: PoolTransport, head: bytes, reused: bool
+) -> None:
+    # RFC 9112 6.3: an answer to HEAD has no body, so it needs no framing to keep the connection.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            request_head, _ = await read_request(reader)
+            writer.write(head if request_head.startswith(b"HEAD") else OK)
+
+    async with RawServer(handler) as server:
+        target = server.url_server
+        for method in ("HEAD", "GET", "HEAD"):
+            response, body = await fetch(transport, make_request(target, method))
+            assert (response.status, body) == (200, b"" if method == "HEAD" else b"ok")
+        # Closed after each HEAD answer, the GET in between opens the one the last HEAD reuses.
+        assert server.accepted == (1 if reused else 2)
 
 
 @pytest.mark.anyio
@@ -607,6 +723,32 @@ async def test_truncated_body_raises_reset(transport: PoolTransport, data: bytes
                 received += chunk
         await response.aclose()
         assert received == (b"half" if b"half" in data else b"")
+        assert transport.connection_count(server.url_server) == 0
+
+
+@pytest.mark.anyio
+async def test_close_delimited_body_cut_by_a_reset_raises_reset(transport: PoolTransport) -> None:
+    got_first = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\nfirst ")
+        await writer.drain()
+        await got_first.wait()
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        writer.transport.abort()  # an RST, not a FIN
+
+    async with RawServer(handler) as server:
+        response = await transport.handle_request(make_request(server.url_server))
+        iterator = response.stream.__aiter__()
+        assert await iterator.__anext__() == b"first "
+        got_first.set()
+        # Only a clean close ends a body framed by the close: this one was cut off.
+        with pytest.raises(ConnectionReset):
+            await iterator.__anext__()
+        await response.aclose()
         assert transport.connection_count(server.url_server) == 0
 
 
@@ -872,6 +1014,101 @@ async def test_early_response_stops_the_upload(transport: PoolTransport) -> None
         await wait_for(lambda: server.closed_by_client == 1)
 
 
+def waiting_body(first: bytes, more: asyncio.Event, rest: bytes, closed: list[str]) -> AsyncIterator[bytes]:
+    """A client's body: `first`, then `rest` once `more` is set; `closed` records how it ended."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            await more.wait()
+            yield rest
+        except BaseException as exc:
+            closed.append(type(exc).__name__)
+            raise
+        else:
+            closed.append("end")
+
+    return body()
+
+
+@pytest.mark.anyio
+async def test_early_response_does_not_wait_for_the_next_body_chunk(transport: PoolTransport) -> None:
+    more = asyncio.Event()
+    go_on = asyncio.Event()
+    closed: list[str] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\nContent-Length: 6\r\n\r\nden")
+        await go_on.wait()
+        writer.write(b"ied")
+        await server.wait_client_eof(reader)
+
+    async with RawServer(handler) as server:
+        body = RequestBody([], 11, waiting_body(b"first", more, b"second", closed))
+        request = make_request(server.url_server, "POST", body=body, read_timeout=5)
+        # The client's next chunk never comes before the answer: waiting for it would time out.
+        with anyio.fail_after(2):
+            response = await transport.handle_request(request)
+        assert response.status == 401
+        # The body is no longer read once the answer is handed over: its iterator is closed.
+        assert closed in (["GeneratorExit"], ["CancelledError"])
+        go_on.set()
+        assert await read_body(response) == b"denied"
+        # Left in the middle of a request, the connection is not reused.
+        assert transport.connection_count(server.url_server) == 0
+        await wait_for(lambda: server.closed_by_client == 1)
+        assert not [task for task in asyncio.all_tasks() if "_upload" in repr(task.get_coro())]
+
+
+@pytest.mark.anyio
+async def test_read_timeout_starts_once_the_body_is_sent(transport: PoolTransport) -> None:
+    async def slow_client() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            await asyncio.sleep(0.15)  # the client's pace, longer in all than the read timeout
+            yield b"abc"
+
+    async with raw_server(OK) as server:
+        request = make_request(
+            server.url_server, "PUT", body=RequestBody([], 9, slow_client()), read_timeout=0.2
+        )
+        response, body = await fetch(transport, request)
+        assert (response.status, body) == (200, b"ok")
+        assert server.requests[0][1] == b"abcabcabc"
+        assert transport.idle_count(server.url_server) == 1
+
+
+@pytest.mark.anyio
+async def test_cancellation_while_uploading_closes_the_body_and_the_connection() -> None:
+    more = asyncio.Event()
+    closed: list[str] = []
+    got_first = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(5)
+        got_first.set()
+        await server.wait_client_eof(reader)
+
+    async with RawServer(handler) as server, PoolTransport(max_connections_per_host=1) as transport:
+        target = server.url_server
+        body = RequestBody([], 11, waiting_body(b"first", more, b"second", closed))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                transport.handle_request, make_request(target, "POST", body=body, read_timeout=None)
+            )
+            await got_first.wait()
+            tg.cancel_scope.cancel()
+        await wait_for(lambda: bool(closed))
+        assert closed in (["GeneratorExit"], ["CancelledError"])
+        assert transport.connection_count(target) == 0
+        await wait_for(lambda: server.closed_by_client == 1)
+        pool = transport._pools[("http", HOST, server.port)]
+        assert pool.count == 0
+        assert not [waiter for waiter in pool.waiters if not waiter.done()]
+        await wait_for(lambda: not [t for t in asyncio.all_tasks() if "_upload" in repr(t.get_coro())])
+
+
 # -- limits --------------------------------------------------------------------------------------
 
 
@@ -1037,6 +1274,56 @@ async def test_tls_upstream(certificate: tuple[Path, Path]) -> None:
     async with server, PoolTransport() as untrusting:
         with pytest.raises(ConnectError, match="certificate"):
             await untrusting.handle_request(make_request(server.url_server))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("close_notify", [True, False], ids=["close-notify", "fin-only"])
+async def test_tls_close_delimited_body_ends_only_with_close_notify(
+    certificate: tuple[Path, Path], close_notify: bool
+) -> None:
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    finished = threading.Event()
+
+    def script(conn: socket.socket, n: int) -> None:
+        with server_context.wrap_socket(conn, server_side=True) as tls:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(65536)
+            tls.sendall(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\nsecure body")
+            if close_notify:
+                # TLS's own end of the data (sent, and the client's awaited), then the TCP close.
+                plain = tls.unwrap()
+                plain.shutdown(socket.SHUT_WR)
+            else:
+                # A TCP FIN with no close_notify before it: what a truncation attack looks like.
+                plain = tls
+                tls.shutdown(socket.SHUT_WR)
+            while plain.recv(65536):
+                pass
+        finished.set()
+
+    with ScriptedServer(script) as upstream:
+        target = make_server(upstream.port, "https")
+        async with PoolTransport(ssl_context=ssl.create_default_context(cafile=str(cert))) as transport:
+            response = await transport.handle_request(make_request(target))
+            received = b""
+            try:
+                if close_notify:
+                    async for chunk in response.stream:
+                        received += chunk
+                else:
+                    with pytest.raises(ConnectionReset, match="close_notify"):
+                        async for chunk in response.stream:
+                            received += chunk
+            finally:
+                await response.aclose()
+            assert received == b"secure body"
+            assert transport.connection_count(target) == 0
+            # The server's thread sees the connection closed (the loop must run for that).
+            await wait_for(finished.is_set)
+        assert not upstream.errors
 
 
 @pytest.mark.anyio

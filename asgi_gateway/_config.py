@@ -17,10 +17,15 @@ from ._exceptions import ConfigError
 
 __all__ = [
     "BALANCERS",
+    "JWT_ALGORITHMS",
     "RETRY_CONDITIONS",
+    "AuthConfig",
     "GatewayConfig",
     "HealthCheckConfig",
+    "JwtConfig",
     "OutlierDetectionConfig",
+    "RateLimitConfig",
+    "RedisConfig",
     "RetryConfig",
     "RouteConfig",
     "ServerConfig",
@@ -29,11 +34,35 @@ __all__ = [
     "load_config",
 ]
 
-BALANCERS: Final = ("round_robin", "random", "weighted_random", "least_connections", "consistent_hash")
+BALANCERS: Final = (
+    "round_robin",
+    "random",
+    "weighted_random",
+    "least_connections",
+    "peak_ewma",
+    "consistent_hash",
+)
 RETRY_CONDITIONS: Final = ("connect-failure", "reset", "timeout")
 HTTP_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
+#: The JWT algorithms a route may allow; `none` is never one of them.
+JWT_ALGORITHMS: Final = (
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+_HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 
 
 class _Inherit:
@@ -142,9 +171,9 @@ class UpstreamConfig:
 
     name: str
     servers: tuple[ServerConfig, ...]
-    balancer: Literal["round_robin", "random", "weighted_random", "least_connections", "consistent_hash"] = (
-        "round_robin"
-    )
+    balancer: Literal[
+        "round_robin", "random", "weighted_random", "least_connections", "peak_ewma", "consistent_hash"
+    ] = "round_robin"
     hash_on: str | None = None
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierDetectionConfig | None = field(default_factory=OutlierDetectionConfig)
@@ -152,6 +181,68 @@ class UpstreamConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     max_concurrent_requests: int = 1000
     panic: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """A route's rate limit: `routes[].rate_limit`, a GCRA limit per key.
+
+    On average one request every `per / rate` seconds is allowed per key, and an idle key
+    may send `burst` at once (None: `rate`, rounded up). `key` is `client_ip`,
+    `header:NAME`, `claim:NAME` (a claim of the verified JWT) or `route` (one bucket for
+    the whole route). `backend` is `memory` (this process) or `redis` (every gateway
+    process sharing the top-level `redis`); `shadow` counts and logs but never refuses.
+    """
+
+    rate: float
+    per: float = 1.0
+    burst: int | None = None
+    key: str = "client_ip"
+    backend: Literal["memory", "redis"] = "memory"
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    """A route's JWT authentication: `routes[].auth.jwt`.
+
+    The keys come from exactly one of `jwks_url`, `public_key` (PEM) or `secret` (HS*).
+    `issuer` and `audience` are checked when set; `algorithms` is the allow-list, `leeway`
+    the clock skew accepted (seconds). `claims_to_headers` maps claim names to the request
+    headers they are sent upstream in (a client's own copies are removed).
+    `forward_authorization` false removes the `Authorization` header before the request
+    goes upstream.
+    """
+
+    jwks_url: str | None = None
+    public_key: str | None = None
+    secret: str | None = None
+    issuer: str | None = None
+    audience: tuple[str, ...] | None = None
+    algorithms: tuple[str, ...] = ("RS256",)
+    leeway: float = 30.0
+    claims_to_headers: Mapping[str, str] = field(default_factory=dict)
+    forward_authorization: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """A route's authentication: `routes[].auth`."""
+
+    jwt: JwtConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """The Redis that `backend: redis` rate limits share: the top-level `redis`.
+
+    A call slower than `timeout` seconds counts as failed; `on_error` is `allow` (fail
+    open, counted and logged) or `deny` (503).
+    """
+
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout: float = 0.05
+    on_error: Literal["allow", "deny"] = "allow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +262,11 @@ class RouteConfig:
     max_body_size: int | _Inherit | None = INHERIT
     preserve_host: bool | _Inherit = INHERIT
     max_message_size: int | _Inherit | None = INHERIT
+    rate_limit: RateLimitConfig | None = None
+    auth: AuthConfig | None = None
+    #: Client addresses or networks allowed (after `trusted_proxies`); None allows everyone.
+    allow_ips: tuple[str, ...] | None = None
+    deny_ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +286,8 @@ class GatewayConfig:
     status_path: str | None = None
     #: The largest WebSocket message, either way; each is held whole while relayed.
     max_message_size: int | None = 1024 * 1024
+    #: The Redis that `backend: redis` rate limits use; None when no route needs one.
+    redis: RedisConfig | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -344,8 +442,13 @@ class _Reader:
             return default
         return value
 
-    def number(self, key: str, *, minimum: float = 0.0, strict: bool = True) -> float:
-        default = self.defaults[key]
+    def number(self, key: str, *, minimum: float = 0.0, strict: bool = True, required: bool = False) -> float:
+        # A required key has no default; only ever returned for an error, which throws the
+        # whole config away.
+        default = 1.0 if required else self.defaults[key]
+        if required and key not in self.data:
+            self.errors.add(self.where(key), "is required")
+            return default
         value = self.data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             self.errors.add(self.where(key), f"{value!r} is not a number")
@@ -413,10 +516,12 @@ def from_mapping(data: Any) -> GatewayConfig:
             "trusted_proxies",
             "status_path",
             "max_message_size",
+            "redis",
         ),
         errors,
         GatewayConfig,
     )
+    redis = _redis(top, errors)
     raw_upstreams = top.raw("upstreams")
     # Routes are checked against the upstream names even when an upstream's own spec is bad;
     # with no usable `upstreams` at all, "not a configured upstream" would only repeat that.
@@ -430,7 +535,7 @@ def from_mapping(data: Any) -> GatewayConfig:
     else:
         for i, spec in enumerate(raw_routes):
             route = _route(f"routes[{i}]", spec, errors)
-            _check_route(f"routes[{i}]", route, names, errors)
+            _check_route(f"routes[{i}]", route, names, errors, redis=redis is not None)
             routes.append(route)
 
     upstreams: dict[str, UpstreamConfig] = {}
@@ -450,6 +555,8 @@ def from_mapping(data: Any) -> GatewayConfig:
         trusted = []
     preserve_host = top.boolean("preserve_host")
     status_path = top.string("status_path")
+    if redis is not None:
+        _check_redis(redis, errors)
     _check_settings(
         max_body_size if isinstance(max_body_size, int) else None,
         max_message_size if isinstance(max_message_size, int) else None,
@@ -466,6 +573,113 @@ def from_mapping(data: Any) -> GatewayConfig:
         trusted_proxies=tuple(trusted),
         status_path=status_path,
         max_message_size=max_message_size if isinstance(max_message_size, int) else None,
+        redis=redis,
+    )
+
+
+def _redis(top: _Reader, errors: _Errors) -> RedisConfig | None:
+    enabled, data = _optional_section(top, "redis", False)
+    if not enabled:
+        return None
+    reader = _Reader(data, "redis", ("url", "timeout", "on_error"), errors, RedisConfig)
+    return RedisConfig(
+        url=reader.string("url") or "",
+        timeout=reader.number("timeout"),
+        on_error=reader.string("on_error"),  # type: ignore[arg-type]  # checked in _check_redis()
+    )
+
+
+def _addresses(reader: _Reader, key: str) -> tuple[str, ...] | None:
+    value = reader.raw(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        reader.errors.add(reader.where(key), f"{value!r} is not a list of addresses or CIDRs")
+        return None
+    return tuple(value)
+
+
+def _rate_limit(route: _Reader) -> RateLimitConfig | None:
+    enabled, data = _optional_section(route, "rate_limit", False)
+    if not enabled:
+        return None
+    reader = _Reader(
+        data,
+        route.where("rate_limit"),
+        ("rate", "per", "burst", "key", "backend", "shadow"),
+        route.errors,
+        RateLimitConfig,
+    )
+    burst = None if reader.raw("burst") is None else reader.integer("burst", minimum=1)
+    return RateLimitConfig(
+        rate=reader.number("rate", required=True),
+        per=reader.number("per"),
+        burst=burst,
+        key=reader.string("key") or "",
+        backend=reader.string("backend"),  # type: ignore[arg-type]  # checked in _check_route()
+        shadow=reader.boolean("shadow"),
+    )
+
+
+def _auth(route: _Reader) -> AuthConfig | None:
+    enabled, data = _optional_section(route, "auth", False)
+    if not enabled:
+        return None
+    reader = _Reader(data, route.where("auth"), ("jwt",), route.errors, AuthConfig)
+    jwt_on, jwt_data = _optional_section(reader, "jwt", False)
+    if not jwt_on:
+        # An `auth` that checks nothing would let every request through unnoticed.
+        route.errors.add(reader.where("jwt"), "is required in auth (the only method so far)")
+        return AuthConfig()
+    jwt = _Reader(
+        jwt_data,
+        reader.where("jwt"),
+        (
+            "jwks_url",
+            "public_key",
+            "secret",
+            "issuer",
+            "audience",
+            "algorithms",
+            "leeway",
+            "claims_to_headers",
+            "forward_authorization",
+        ),
+        route.errors,
+        JwtConfig,
+    )
+    audience = jwt.raw("audience")
+    if isinstance(audience, str) and audience:
+        audience = (audience,)
+    elif isinstance(audience, list) and audience and all(isinstance(a, str) and a for a in audience):
+        audience = tuple(audience)
+    elif audience is not None:
+        route.errors.add(jwt.where("audience"), f"{audience!r} is not a string or a list of strings")
+        audience = None
+    algorithms = jwt.raw("algorithms", list(jwt.default("algorithms")))
+    if not isinstance(algorithms, list) or not all(isinstance(a, str) for a in algorithms):
+        route.errors.add(jwt.where("algorithms"), f"{algorithms!r} is not a list of algorithm names")
+        algorithms = list(jwt.default("algorithms"))
+    claims = jwt.raw("claims_to_headers", {})
+    if not isinstance(claims, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in claims.items()
+    ):
+        route.errors.add(
+            jwt.where("claims_to_headers"), f"{claims!r} is not a mapping of claim names to headers"
+        )
+        claims = {}
+    return AuthConfig(
+        jwt=JwtConfig(
+            jwks_url=jwt.string("jwks_url"),
+            public_key=jwt.string("public_key"),
+            secret=jwt.string("secret"),
+            issuer=jwt.string("issuer"),
+            audience=audience,
+            algorithms=tuple(algorithms),
+            leeway=jwt.number("leeway", strict=False),
+            claims_to_headers={name: header.lower() for name, header in claims.items()},
+            forward_authorization=jwt.boolean("forward_authorization"),
+        )
     )
 
 
@@ -492,6 +706,10 @@ def _route(path: str, data: Any, errors: _Errors) -> RouteConfig:
             "max_body_size",
             "preserve_host",
             "max_message_size",
+            "rate_limit",
+            "auth",
+            "allow_ips",
+            "deny_ips",
         ),
         errors,
         RouteConfig,
@@ -512,6 +730,10 @@ def _route(path: str, data: Any, errors: _Errors) -> RouteConfig:
         max_body_size=_size_limit(reader, "max_body_size"),
         preserve_host=reader.boolean("preserve_host"),
         max_message_size=_size_limit(reader, "max_message_size"),
+        rate_limit=_rate_limit(reader),
+        auth=_auth(reader),
+        allow_ips=_addresses(reader, "allow_ips"),
+        deny_ips=_addresses(reader, "deny_ips") or (),
     )
 
 
@@ -652,7 +874,7 @@ def validate(config: GatewayConfig) -> None:
     if not config.routes:
         errors.add("routes", "at least one route is required")
     for i, route in enumerate(config.routes):
-        _check_route(f"routes[{i}]", route, config.upstreams or None, errors)
+        _check_route(f"routes[{i}]", route, config.upstreams or None, errors, redis=config.redis is not None)
     if not config.upstreams:
         errors.add("upstreams", "at least one upstream is required")
     for name, upstream in config.upstreams.items():
@@ -660,6 +882,8 @@ def validate(config: GatewayConfig) -> None:
     _check_settings(
         config.max_body_size, config.max_message_size, config.trusted_proxies, config.status_path, errors
     )
+    if config.redis is not None:
+        _check_redis(config.redis, errors)
     errors.raise_any()
 
 
@@ -689,8 +913,13 @@ def _positive(where: str, value: object, errors: _Errors, *, allow_zero: bool = 
         errors.add(where, f"{value!r} must be {'non-negative' if allow_zero else 'positive'}")
 
 
-def _check_route(where: str, route: RouteConfig, upstreams: Collection[str] | None, errors: _Errors) -> None:
-    """`upstreams` is None when there are none to check `route.upstream` against."""
+def _check_route(
+    where: str, route: RouteConfig, upstreams: Collection[str] | None, errors: _Errors, *, redis: bool
+) -> None:
+    """`upstreams` is None when there are none to check `route.upstream` against.
+
+    `redis` tells whether the top-level `redis` section is there.
+    """
     if not isinstance(route.path, str) or not route.path.startswith("/"):
         errors.add(f"{where}.path", f"{route.path!r} must start with '/'")
     elif "?" in route.path or "#" in route.path or "%" in route.path:
@@ -707,6 +936,115 @@ def _check_route(where: str, route: RouteConfig, upstreams: Collection[str] | No
         _positive(f"{where}.max_body_size", route.max_body_size, errors, allow_zero=True)
     if not isinstance(route.max_message_size, _Inherit) and route.max_message_size is not None:
         _positive(f"{where}.max_message_size", route.max_message_size, errors, allow_zero=True)
+    for key in ("allow_ips", "deny_ips"):
+        for i, spec in enumerate(getattr(route, key) or ()):
+            if not _is_network(spec):
+                errors.add(f"{where}.{key}[{i}]", f"{spec!r} is not an IP address or CIDR")
+    if route.rate_limit is not None:
+        _check_rate_limit(f"{where}.rate_limit", route, errors, redis=redis)
+    if route.auth is not None:
+        if route.auth.jwt is None:
+            errors.add(f"{where}.auth.jwt", "is required in auth (the only method so far)")
+        else:
+            _check_jwt(f"{where}.auth.jwt", route.auth.jwt, errors)
+
+
+def _is_network(spec: object) -> bool:
+    if not isinstance(spec, str):
+        return False
+    try:
+        ipaddress.ip_network(spec, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+_RATE_LIMIT_KEY = re.compile(r"^(client_ip|route|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|claim:[^\s]+)$")
+# Headers the gateway or the server in front owns: a claim must never be sent as one of these.
+_RESERVED_HEADERS: Final = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "x-request-id",
+        "authorization",
+        "traceparent",
+        "tracestate",
+    }
+)
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+
+
+def _check_rate_limit(where: str, route: RouteConfig, errors: _Errors, *, redis: bool) -> None:
+    limit = route.rate_limit
+    assert limit is not None
+    _positive(f"{where}.rate", limit.rate, errors)
+    _positive(f"{where}.per", limit.per, errors)
+    if limit.burst is not None and (
+        isinstance(limit.burst, bool) or not isinstance(limit.burst, int) or limit.burst < 1
+    ):
+        errors.add(f"{where}.burst", f"{limit.burst!r} must be an integer of at least 1")
+    if not isinstance(limit.key, str) or not _RATE_LIMIT_KEY.match(limit.key):
+        errors.add(f"{where}.key", f"{limit.key!r} is not client_ip, header:NAME, claim:NAME or route")
+    elif limit.key.startswith("claim:") and (route.auth is None or route.auth.jwt is None):
+        errors.add(f"{where}.key", f"{limit.key!r} needs the route's auth.jwt (claims come from its token)")
+    if limit.backend not in ("memory", "redis"):
+        errors.add(f"{where}.backend", f"{limit.backend!r} is not one of memory, redis")
+    elif limit.backend == "redis" and not redis:
+        errors.add(f"{where}.backend", "redis needs the top-level redis section (its url)")
+
+
+def _check_jwt(where: str, jwt: JwtConfig, errors: _Errors) -> None:
+    sources = [key for key in ("jwks_url", "public_key", "secret") if getattr(jwt, key) is not None]
+    # Reported at a key inside the section, so that the section's other errors still show.
+    if not sources:
+        errors.add(f"{where}.jwks_url", "one of jwks_url, public_key or secret is required")
+    for extra in sources[1:]:
+        errors.add(
+            f"{where}.{extra}", f"only one of jwks_url, public_key or secret may be set (also: {sources[0]})"
+        )
+    if jwt.jwks_url is not None:
+        parts = urlsplit(jwt.jwks_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            errors.add(f"{where}.jwks_url", f"{jwt.jwks_url!r} is not an http(s) URL")
+    if jwt.public_key is not None and "-----BEGIN" not in jwt.public_key:
+        errors.add(f"{where}.public_key", "is not a PEM public key (-----BEGIN PUBLIC KEY-----...)")
+    if not jwt.algorithms:
+        errors.add(f"{where}.algorithms", "at least one algorithm is required")
+    for i, algorithm in enumerate(jwt.algorithms):
+        if algorithm not in JWT_ALGORITHMS:
+            errors.add(f"{where}.algorithms[{i}]", f"{algorithm!r} is not one of {', '.join(JWT_ALGORITHMS)}")
+    hmac = [a for a in jwt.algorithms if a in _HMAC_ALGORITHMS]
+    # One key, one family: a public key accepted as an HMAC secret is the HS/RS confusion attack.
+    if jwt.secret is not None and len(hmac) != len(jwt.algorithms):
+        errors.add(
+            f"{where}.algorithms", f"{list(jwt.algorithms)!r}: a secret only verifies HS256, HS384, HS512"
+        )
+    elif jwt.secret is None and hmac:
+        errors.add(
+            f"{where}.algorithms", f"{hmac!r} need a secret; jwks_url and public_key verify the others"
+        )
+    _positive(f"{where}.leeway", jwt.leeway, errors, allow_zero=True)
+    for claim, header in jwt.claims_to_headers.items():
+        if not _HEADER_NAME.match(header) or header in _RESERVED_HEADERS:
+            errors.add(
+                f"{where}.claims_to_headers.{claim}", f"{header!r} is not a header name a claim may set"
+            )
+
+
+def _check_redis(redis: RedisConfig, errors: _Errors) -> None:
+    if not isinstance(redis.url, str) or urlsplit(redis.url).scheme not in ("redis", "rediss", "unix"):
+        errors.add("redis.url", f"{redis.url!r} is not a redis://, rediss:// or unix:// URL")
+    _positive("redis.timeout", redis.timeout, errors)
+    if redis.on_error not in ("allow", "deny"):
+        errors.add("redis.on_error", f"{redis.on_error!r} is not one of allow, deny")
 
 
 def _check_settings(

@@ -5,7 +5,10 @@ The gateway's exceptions, one tree:
   + ConfigError
   + ClientRequestError ............ the client's request is refused (4xx)
   | + BadRequest ................. 400 bad_request
+  | + Unauthorized ............... 401 unauthorized (a route's auth)
+  | + Forbidden .................. 403 forbidden (a route's IP rules)
   | + PayloadTooLarge ............ 413 payload_too_large
+  | + RateLimited ................ 429 rate_limited (a route's rate limit)
   + UpstreamError ................ the upstream failed (5xx)
     + UpstreamUnavailable ........ 503 upstream_unavailable
     | + NoServerAvailable
@@ -22,11 +25,16 @@ The gateway's exceptions, one tree:
 
 Transports translate their backend's errors into this tree at their boundary;
 `error_response` turns any of them into the JSON body the client sees, in one place.
+
+Outside the tree, and not exported: `ClientDisconnected`, the relay's signal that the
+client went away. No JSON answers it, and the layers and telemetry read it to tell an
+abandoned request from a failed one.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 __all__ = [
     "BadGateway",
@@ -37,14 +45,17 @@ __all__ = [
     "ConnectError",
     "ConnectTimeout",
     "ConnectionReset",
+    "Forbidden",
     "GatewayError",
     "GatewayTimeout",
     "InvalidResponse",
     "NoServerAvailable",
     "PayloadTooLarge",
     "PoolTimeout",
+    "RateLimited",
     "ReadTimeout",
     "TotalTimeout",
+    "Unauthorized",
     "UpstreamError",
     "UpstreamUnavailable",
 ]
@@ -54,15 +65,19 @@ class GatewayError(Exception):
     """Base class of every error the gateway raises.
 
     `status` and `code` are the HTTP status and the `error` field of the JSON body the
-    client gets; `detail` is its `detail` text.
+    client gets; `detail` is its `detail` text, and `headers` the raw `(name, value)`
+    pairs sent with it besides the usual ones.
     """
 
     status: int = 500
     code: str = "internal_error"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
-    def __init__(self, detail: str = "") -> None:
+    def __init__(self, detail: str = "", *, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
         super().__init__(detail)
         self.detail = detail
+        if headers:
+            self.headers = tuple(headers)
 
 
 class ConfigError(GatewayError, ValueError):
@@ -96,6 +111,41 @@ class BadRequest(ClientRequestError):
 
     status = 400
     code = "bad_request"
+
+
+class Unauthorized(ClientRequestError):
+    """401 `unauthorized`: the route needs a valid token and the request has none.
+
+    Sent with `WWW-Authenticate: Bearer`, plus `error="invalid_token"` when a token was
+    sent but refused (RFC 6750, 3.1).
+    """
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, detail: str = "", *, token_sent: bool = True) -> None:
+        challenge = b'Bearer error="invalid_token"' if token_sent else b"Bearer"
+        super().__init__(detail, headers=((b"www-authenticate", challenge),))
+
+
+class Forbidden(ClientRequestError):
+    """403 `forbidden`: the client address is not allowed on the route (`allow_ips`, `deny_ips`)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class RateLimited(ClientRequestError):
+    """429 `rate_limited`, sent with `Retry-After: retry_after` (whole seconds, at least 1)."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(
+        self, detail: str = "", retry_after: int = 1, *, headers: Iterable[tuple[bytes, bytes]] = ()
+    ) -> None:
+        super().__init__(detail, headers=headers)
+        self.retry_after = retry_after
 
 
 class PayloadTooLarge(ClientRequestError):
@@ -202,6 +252,10 @@ class TotalTimeout(GatewayTimeout):
     retry_condition = None
 
 
+class ClientDisconnected(Exception):
+    """The client went away; nothing more can be sent to it."""
+
+
 def error_response(exc: GatewayError, request_id: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """The status, headers and JSON body the client gets for `exc`."""
     status = exc.status if 400 <= exc.status < 600 else 500
@@ -216,6 +270,8 @@ def error_response(exc: GatewayError, request_id: str) -> tuple[int, list[tuple[
         (b"x-request-id", request_id.encode()),
         (b"cache-control", b"no-store"),
     ]
-    if isinstance(exc, UpstreamUnavailable):
+    if isinstance(exc, UpstreamUnavailable | RateLimited):
         headers.append((b"retry-after", str(max(1, exc.retry_after)).encode()))
+    if exc.headers:
+        headers.extend(exc.headers)
     return status, headers, body

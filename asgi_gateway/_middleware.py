@@ -15,6 +15,7 @@ import httpx
 import sniffio
 
 from ._config import GatewayConfig, load_config
+from ._edge.services import EdgeServices
 from ._exceptions import BadRequest, GatewayError
 from ._proxy import (
     ClientDisconnected,
@@ -27,7 +28,7 @@ from ._proxy import (
     upstream_headers,
 )
 from ._routing import Router
-from ._stack import UpstreamStack, build_stacks
+from ._stack import UpstreamStack, build_route_handlers, build_stacks
 from ._telemetry import Telemetry
 from ._transports.httpx import HttpxTransport
 from ._types import Exchange, Request, RequestBody, Response, Transport
@@ -128,6 +129,8 @@ class Gateway:
         self.telemetry = Telemetry(tracer_provider, meter_provider)
         self._transport = _AutoTransport(transport)
         self.stacks: Mapping[str, UpstreamStack] = build_stacks(self.config, self._transport, self.telemetry)
+        self.edge = EdgeServices(self.config.redis)
+        self.route_handlers = build_route_handlers(self.config, self.stacks, self.telemetry, self.edge)
         self._status_path = self.config.status_path.encode() if self.config.status_path else None
         self._running = 0
 
@@ -151,6 +154,9 @@ class Gateway:
                     for stack in self.stacks.values():
                         if stack.checker is not None:
                             tg.start_soon(stack.checker.run, name=f"health check {stack.config.name}")
+                    if self.edge.active:
+                        # The first JWKS fetches (each within its timeout) before serving.
+                        await tg.start(self.edge.run, name="edge protection")
                 try:
                     yield
                 finally:
@@ -288,7 +294,9 @@ class Gateway:
                 exchange=exchange,
                 host=incoming.host if route.preserve_host else None,
             )
-            status, error = await relay(stack.handler, request, receive, send, body.replayable)
+            status, error = await relay(
+                self.route_handlers[route.index], request, receive, send, body.replayable
+            )
         except ClientDisconnected as exc:
             status, error = 499, exc
         except Exception as exc:
@@ -327,6 +335,11 @@ class Gateway:
                 await send({"type": "websocket.close", "code": 1000})
             return
         route, path = match
+        if self.route_handlers[route.index] is not self.stacks[route.upstream].handler:
+            # The edge layers (IP rules, auth, rate limit) do not run on the WebSocket path yet:
+            # refused (a 403 to the handshake) rather than let through unchecked.
+            await send({"type": "websocket.close", "code": 1008, "reason": "not available on this route"})
+            return
         from ._websocket import proxy_websocket
 
         await proxy_websocket(

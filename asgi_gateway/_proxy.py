@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import anyio
 
-from ._exceptions import GatewayError, PayloadTooLarge, UpstreamError, error_response
+from ._exceptions import ClientDisconnected, GatewayError, PayloadTooLarge, UpstreamError, error_response
 from ._loop import CoarseTimer, coarse_timers, running_task
 from ._types import BufferedStream, Handler, Headers, Request, RequestBody
 
@@ -52,10 +52,6 @@ _NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"
 _ids = random.Random()
 # Forked workers must not share a sequence of request ids.
 os.register_at_fork(after_in_child=_ids.seed)
-
-
-class ClientDisconnected(Exception):
-    """The client went away; nothing more can be sent to it."""
 
 
 class TrustedProxies:

@@ -1,9 +1,10 @@
-"""Traces, metrics and the access log for proxied requests.
+"""Traces, metrics and the access log for proxied requests and WebSocket sessions.
 
 One `Telemetry` per gateway. The middleware calls `start` when a request matched a
-route and `finish` once it is over; `client_layer` wraps the transport with a CLIENT
-span per attempt; `events` turns what the layers report (retries, ejections,
-failovers) into span events and metrics.
+route and `finish` once it is over; the WebSocket path does the same for a session,
+with `kind=WEBSOCKET`, and `session_opened` once the client has been accepted.
+`events` turns what the layers report (retries, ejections, failovers) into span events
+and metrics; the CLIENT span per attempt is `_layers.telemetry.TelemetryLayer`'s.
 
 Tracing costs nothing when no SDK is configured: the providers are resolved lazily
 and, while they are the API's no-op or proxy defaults, no span, context or attribute
@@ -20,8 +21,10 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import Token
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal
 
+import anyio
 from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
@@ -30,13 +33,43 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from ._exceptions import ClientRequestError
-from ._proxy import ClientDisconnected
+from ._exceptions import ClientDisconnected, ClientRequestError
 from ._routing import Route
-from ._types import Exchange, GatewayEvents, Handler, Headers, Request, Server
+from ._semconv import (
+    CLIENT_ADDRESS,
+    DURATION_BUCKETS,
+    ERROR_TYPE,
+    GATEWAY_UPSTREAM,
+    HTTP_REQUEST_METHOD,
+    HTTP_REQUEST_METHOD_ORIGINAL,
+    HTTP_RESPONSE_STATUS_CODE,
+    HTTP_ROUTE,
+    METHODS,
+    NETWORK_PEER_ADDRESS,
+    OTHER_METHOD,
+    SERVER_ADDRESS,
+    SERVER_PORT,
+    URL_PATH,
+    URL_SCHEME,
+    WEBSOCKET_CLOSE_CODE,
+    WEBSOCKET_CLOSED_BY,
+    WEBSOCKET_MESSAGES_TO_CLIENT,
+    WEBSOCKET_MESSAGES_TO_UPSTREAM,
+    WEBSOCKET_SESSIONS,
+    error_type,
+)
+from ._types import Exchange, GatewayEvents, Headers, Request, Server
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, MeterProvider, Observation
+    from opentelemetry.metrics import (
+        CallbackOptions,
+        Counter,
+        Histogram,
+        Meter,
+        MeterProvider,
+        Observation,
+        UpDownCounter,
+    )
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
 try:
@@ -47,7 +80,7 @@ except ImportError:  # pragma: no cover - an API that moved it; then nothing cou
         pass
 
 
-__all__ = ["JsonFormatter", "Telemetry"]
+__all__ = ["HTTP", "WEBSOCKET", "JsonFormatter", "Pending", "SessionKind", "SessionPending", "Telemetry"]
 
 logger = logging.getLogger("asgi_gateway.telemetry")
 access_logger = logging.getLogger("asgi_gateway.access")
@@ -55,42 +88,37 @@ access_logger = logging.getLogger("asgi_gateway.access")
 _SCOPE_NAME = "asgi_gateway"
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.27.0"
 
-# Semantic-convention attribute names (stable HTTP conventions), spelled out so the
-# package does not depend on opentelemetry-semantic-conventions' module layout.
-HTTP_ROUTE: Final = "http.route"
-HTTP_REQUEST_METHOD: Final = "http.request.method"
-HTTP_REQUEST_METHOD_ORIGINAL: Final = "http.request.method_original"
-HTTP_REQUEST_RESEND_COUNT: Final = "http.request.resend_count"
-HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
-URL_PATH: Final = "url.path"
-URL_SCHEME: Final = "url.scheme"
-URL_FULL: Final = "url.full"
-CLIENT_ADDRESS: Final = "client.address"
-SERVER_ADDRESS: Final = "server.address"
-SERVER_PORT: Final = "server.port"
-NETWORK_PEER_ADDRESS: Final = "network.peer.address"
-ERROR_TYPE: Final = "error.type"
-GATEWAY_UPSTREAM: Final = "gateway.upstream"
-
-# Semconv's advisory buckets for HTTP durations, in seconds.
-_DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
-
-_KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
-#: method -> (http.request.method value, span name); any other method is "_OTHER" / "HTTP".
-_METHODS: dict[str, tuple[str, str]] = {method: (method, method) for method in _KNOWN_METHODS}
-_OTHER_METHOD = ("_OTHER", "HTTP")
-
 #: Seconds between two log records about the same telemetry failure.
 _REPORT_INTERVAL = 60.0
 
+_REQUEST_RECORD: Final = "%s %s %d %.1fms route=%s upstream=%s server=%s attempts=%d request_id=%s"
+_SESSION_RECORD: Final = "WebSocket %s %d %.1fms route=%s upstream=%s server=%s attempts=%d messages=%d/%d close=%s by=%s request_id=%s"
 
-def method_attributes(method: str) -> tuple[str, str]:
-    """The semconv `http.request.method` value and span-name method for `method`."""
-    return _METHODS.get(method, _OTHER_METHOD)
+ClosedBy = Literal["client", "upstream", "gateway"]
 
 
-def error_type(error: BaseException) -> str:
-    return type(error).__qualname__
+@dataclass(frozen=True, slots=True, eq=False)
+class SessionKind:
+    """What a server span stands for: an HTTP request or a WebSocket session.
+
+    The two share the span's set-up, the providers, the failsafe and the access log's
+    common fields; this says where they differ at the start. What differs at the end
+    (metrics, the span's last attributes, the access log's text) follows from the token:
+    a session's is a `SessionPending`.
+    """
+
+    #: Names the span in failure reports: "server span start", "websocket span end".
+    name: str
+    #: The span name's first word; None for the request's method, as semconv names HTTP spans.
+    label: str | None
+    #: Whether an instrumented host app's own SERVER span takes the gateway's attributes,
+    #: rather than the gateway nesting a span of its own under it. A session nests: its
+    #: span carries the message counts and the close that the host's span knows nothing of.
+    adopts_host_span: bool
+
+
+HTTP: Final = SessionKind("server", None, adopts_host_span=True)
+WEBSOCKET: Final = SessionKind("websocket", "WebSocket", adopts_host_span=False)
 
 
 class _HeaderGetter(Getter[Headers]):
@@ -134,7 +162,7 @@ def span_of(current: context.Context) -> Span:
     return trace.get_current_span(current)
 
 
-class _Pending:
+class Pending:
     """What `start` hands to `finish` for one request."""
 
     __slots__ = ("context_token", "host", "method", "own", "path", "scheme", "span", "start", "traced")
@@ -153,6 +181,25 @@ class _Pending:
         self.context_token: Token[context.Context] | None = None
         #: Our span, recording or not (its ids go to the access log).
         self.traced: Span | None = None
+
+
+class SessionPending(Pending):
+    """What `start` hands to `finish` for one WebSocket session.
+
+    The session fills in its message counts and how it closed before `finish`.
+    """
+
+    __slots__ = ("close_code", "closed_by", "sessions", "to_client", "to_upstream")
+
+    def __init__(self, start: float, path: str, scheme: str) -> None:
+        # The handshake is a GET; the scheme is the scope's own, ws or wss.
+        super().__init__(start, "GET", path, scheme)
+        self.to_upstream = 0
+        self.to_client = 0
+        self.close_code: int | None = None
+        self.closed_by: ClosedBy | None = None
+        #: The open-sessions counter this session was counted in, once accepted.
+        self.sessions: UpDownCounter | None = None
 
 
 class Telemetry:
@@ -178,6 +225,10 @@ class Telemetry:
         self.ejections: Counter | None = None
         self.failovers: Counter | None = None
         self.health_transitions: Counter | None = None
+        self.rate_limit_decisions: Counter | None = None
+        #: The meter the instruments above came from (None while metrics are off).
+        self._meter: Meter | None = None
+        self._websocket_sessions: UpDownCounter | None = None
         #: Latest count of available servers per upstream, for the observable gauge.
         self.available: dict[str, int] = {}
         self._names: dict[tuple[str, str], str] = {}
@@ -233,19 +284,22 @@ class Telemetry:
         if isinstance(meter, metrics.NoOpMeter):
             return
         self._create_instruments(meter)
+        # Only once every instrument exists: a session is counted only where the request
+        # instruments are there too, which `finish` relies on to take its shortest way.
+        self._meter = meter
 
     def _create_instruments(self, meter: Meter) -> None:
         self.server_duration = meter.create_histogram(
             "http.server.request.duration",
             unit="s",
             description="Duration of HTTP server requests.",
-            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         self.client_duration = meter.create_histogram(
             "http.client.request.duration",
             unit="s",
             description="Duration of HTTP client requests (one per attempt to an upstream server).",
-            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         self.retries = meter.create_counter(
             "gateway.retries", unit="{retry}", description="Attempts made again after a failed one."
@@ -267,6 +321,11 @@ class Telemetry:
             "gateway.health_check.transitions",
             unit="{transition}",
             description="Changes of a server's active health-check state.",
+        )
+        self.rate_limit_decisions = meter.create_counter(
+            "gateway.rate_limit.decisions",
+            unit="{request}",
+            description="Rate-limit decisions by route and result: allowed, limited, shadow, backend_error.",
         )
         meter.create_observable_gauge(
             "gateway.upstream.available_servers",
@@ -300,36 +359,47 @@ class Telemetry:
 
     # -- the request path ------------------------------------------------------------
 
-    def client_layer(self, inner: Handler) -> Handler:
-        """The layer that wraps each attempt on the wire: a CLIENT span per attempt."""
-        from ._layers.telemetry import TelemetryLayer
-
-        return TelemetryLayer(inner, self)
-
-    def start(self, scope: dict[str, Any], route: Route, exchange: Exchange) -> _Pending:
-        """Called when a request matched `route`; returns a token for `finish`."""
-        pending = _Pending(time.perf_counter(), scope["method"], scope["path"], exchange.scheme)
-        if not self._resolved and pending.start >= self._resolve_after:
-            # Looked up at most once a second: an unset global provider must cost nothing.
-            self._resolve_after = pending.start + 1.0
+    def start(
+        self, scope: dict[str, Any], route: Route, exchange: Exchange, kind: SessionKind = HTTP
+    ) -> Pending:
+        """Called when a request (or, with `kind=WEBSOCKET`, a session's handshake) matched
+        `route`; returns a token for `finish`."""
+        now = time.perf_counter()
+        if kind is HTTP:
+            pending = Pending(now, scope["method"], scope["path"], exchange.scheme)
+        else:
+            pending = SessionPending(now, scope.get("path", ""), scope.get("scheme", "ws"))
+        if not self._resolved and (now >= self._resolve_after or kind is WEBSOCKET):
+            # Requests look at most once a second: an unset global provider must cost
+            # nothing. Sessions are few, and one may be the first thing served after a
+            # global provider was set: they look each time.
+            self._resolve_after = now + 1.0
             self._resolve()
         tracer = self.tracer
         if tracer is not None:
             try:
-                self._start_span(tracer, scope, route, exchange, pending)
+                self._start_span(tracer, scope, route, exchange, pending, kind)
             except Exception as exc:
                 exchange.span = None
-                self.report("server span start", exc)
+                self.report(f"{kind.name} span start", exc)
         return pending
 
     def _start_span(
-        self, tracer: Tracer, scope: dict[str, Any], route: Route, exchange: Exchange, pending: _Pending
+        self,
+        tracer: Tracer,
+        scope: dict[str, Any],
+        route: Route,
+        exchange: Exchange,
+        pending: Pending,
+        session: SessionKind,
     ) -> None:
         # Passed on to the SDK explicitly, which saves it looking the context up again.
         current = context.get_current()
         parent = current
         kind = SpanKind.SERVER
-        method, name_method = _METHODS.get(pending.method, _OTHER_METHOD)
+        method, label = METHODS.get(pending.method, OTHER_METHOD)
+        if session.label is not None:
+            label = session.label
         # Usually the context is empty (no host instrumentation, no baggage): then there
         # is no span of the host's to look for.
         host_context = trace.get_current_span(current).get_span_context() if current else None
@@ -342,19 +412,20 @@ class Telemetry:
                 # A broken propagator costs the trace its parent, not the request its span.
                 self.report("trace context extraction", exc)
         elif not host_context.is_remote:
-            # The host app traces this request already: never a second SERVER span.
-            host = trace.get_current_span(current)
-            if not host.is_recording():
-                pending.host = True
-                return
-            if getattr(host, "kind", None) is SpanKind.SERVER:
-                host.set_attributes({HTTP_ROUTE: route.path, GATEWAY_UPSTREAM: route.upstream})
-                host.update_name(self._span_name(name_method, route.path))
-                pending.host = True
-                pending.span = exchange.span = host
-                return
-            # Under some other span of the host's (a middleware's INTERNAL span): nest, as
-            # OpenTelemetry's own instrumentations do.
+            if session.adopts_host_span:
+                # The host app traces this request already: never a second SERVER span.
+                host = trace.get_current_span(current)
+                if not host.is_recording():
+                    pending.host = True
+                    return
+                if getattr(host, "kind", None) is SpanKind.SERVER:
+                    host.set_attributes({HTTP_ROUTE: route.path, GATEWAY_UPSTREAM: route.upstream})
+                    host.update_name(self._span_name(label, route.path))
+                    pending.host = True
+                    pending.span = exchange.span = host
+                    return
+            # Under some other span of the host's (a middleware's INTERNAL span, or the
+            # handshake's span for a session): nest, as OpenTelemetry's own instrumentations do.
             kind = SpanKind.INTERNAL
         attributes: dict[str, AttributeValue] = {
             HTTP_ROUTE: route.path,
@@ -369,9 +440,10 @@ class Telemetry:
         if client_ip:
             attributes[CLIENT_ADDRESS] = client_ip
             client = scope.get("client")
-            if client and client[0] != client_ip:
+            # A session's span names the client only, not the proxy it came through.
+            if client and client[0] != client_ip and session is HTTP:
                 attributes[NETWORK_PEER_ADDRESS] = client[0]
-        name = self._names.get((name_method, route.path)) or self._span_name(name_method, route.path)
+        name = self._names.get((label, route.path)) or self._span_name(label, route.path)
         span = tracer.start_span(name, parent, kind, attributes)
         # Current for the rest of the request: the client layer's CLIENT spans (or, when
         # unsampled, the traceparent sent upstream), an instrumented transport and the
@@ -389,21 +461,51 @@ class Telemetry:
             propagation = self.propagation()
         return propagation.extract(headers)
 
-    def _span_name(self, method: str, route_path: str) -> str:
-        key = (method, route_path)
+    def _span_name(self, label: str, route_path: str) -> str:
+        key = (label, route_path)
         name = self._names.get(key)
         if name is None:
-            name = self._names[key] = f"{method} {route_path}"
+            name = self._names[key] = f"{label} {route_path}"
         return name
 
-    def finish(self, token: _Pending, exchange: Exchange, status: int, error: BaseException | None) -> None:
-        """Called once the exchange is over."""
+    def session_opened(self, token: SessionPending, exchange: Exchange) -> None:
+        """Called once a session's client was accepted: it counts as open until `finish`."""
+        try:
+            sessions = self._websocket_sessions
+            if sessions is None and self._meter is not None:
+                sessions = self._websocket_sessions = self._meter.create_up_down_counter(
+                    WEBSOCKET_SESSIONS,
+                    unit="{session}",
+                    description="WebSocket sessions open through the gateway.",
+                )
+            if sessions is not None:
+                sessions.add(1, _session_attributes(exchange))
+                token.sessions = sessions
+        except Exception as exc:
+            self.report("websocket sessions metric", exc)
+
+    def finish(self, token: Pending, exchange: Exchange, status: int, error: BaseException | None) -> None:
+        """Called once the exchange (or the session) is over."""
         duration = time.perf_counter() - token.start
         if token.span is None and token.traced is None and self.server_duration is None:
-            # Nothing traced, nothing measured: only the access log may want this request.
+            # Nothing traced, nothing measured (no session is counted without the request
+            # instruments either): only the access log may want this request.
             if access_logger.isEnabledFor(logging.INFO):
                 self._access_log(token, exchange, status, error, duration)
             return
+        if isinstance(token, SessionPending):
+            self._end_session(token, exchange, status, error)
+        else:
+            self._end_request(token, exchange, status, error, duration)
+        if token.context_token is not None:
+            context.detach(token.context_token)
+        if access_logger.isEnabledFor(logging.INFO):
+            self._access_log(token, exchange, status, error, duration)
+
+    def _end_request(
+        self, token: Pending, exchange: Exchange, status: int, error: BaseException | None, duration: float
+    ) -> None:
+        """`http.server.request.duration`, and the request's status on its span."""
         if error is None:
             failure = str(status) if status >= 500 else None
             answered = True
@@ -414,7 +516,7 @@ class Telemetry:
         histogram = self.server_duration
         if histogram is not None and not (token.host and self._host_records_server_duration):
             attributes: dict[str, AttributeValue] = {
-                HTTP_REQUEST_METHOD: _METHODS.get(token.method, _OTHER_METHOD)[0],
+                HTTP_REQUEST_METHOD: METHODS.get(token.method, OTHER_METHOD)[0],
                 URL_SCHEME: token.scheme,
                 HTTP_ROUTE: exchange.route,
             }
@@ -431,62 +533,108 @@ class Telemetry:
             try:
                 # A host app's instrumentation may have ended its span with the last body
                 # chunk; it records the status itself.
+                if token.own or span.is_recording():
+                    if failure is None:
+                        span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+                    else:
+                        _set_failure(span, status, error, failure, answered)
                 if token.own:
-                    if failure is None:
-                        span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
-                    else:
-                        _set_failure(span, status, error, failure, answered)
                     span.end()
-                elif span.is_recording():
-                    if failure is None:
-                        span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
-                    else:
-                        _set_failure(span, status, error, failure, answered)
             except Exception as exc:
                 self.report("server span end", exc)
-        if token.context_token is not None:
-            context.detach(token.context_token)
-        if access_logger.isEnabledFor(logging.INFO):
-            self._access_log(token, exchange, status, error, duration)
+
+    def _end_session(
+        self, token: SessionPending, exchange: Exchange, status: int, error: BaseException | None
+    ) -> None:
+        """The open-sessions count, and the session's messages, close and status on its span."""
+        sessions = token.sessions
+        if sessions is not None:
+            try:
+                sessions.add(-1, _session_attributes(exchange))
+            except Exception as exc:
+                self.report("websocket sessions metric", exc)
+        span = token.span
+        if span is None:
+            return
+        try:
+            attributes: dict[str, AttributeValue] = {
+                HTTP_RESPONSE_STATUS_CODE: status,
+                WEBSOCKET_MESSAGES_TO_UPSTREAM: token.to_upstream,
+                WEBSOCKET_MESSAGES_TO_CLIENT: token.to_client,
+            }
+            if token.close_code is not None:
+                attributes[WEBSOCKET_CLOSE_CODE] = token.close_code
+            if token.closed_by is not None:
+                attributes[WEBSOCKET_CLOSED_BY] = token.closed_by
+            if error is not None:
+                attributes[ERROR_TYPE] = error_type(error)
+            elif status >= 500:
+                attributes[ERROR_TYPE] = str(status)
+            span.set_attributes(attributes)
+            # A session cancelled from outside (server shutdown) did not fail.
+            failed = error is not None and not isinstance(error, anyio.get_cancelled_exc_class())
+            if failed or status >= 500:
+                span.set_status(Status(StatusCode.ERROR, str(error) if error is not None else None))
+            span.end()
+        except Exception as exc:
+            self.report("websocket span end", exc)
 
     def _access_log(
-        self, token: _Pending, exchange: Exchange, status: int, error: BaseException | None, duration: float
+        self, token: Pending, exchange: Exchange, status: int, error: BaseException | None, duration: float
     ) -> None:
         server = exchange.server.url if exchange.server is not None else None
-        span = token.span or token.traced or trace.get_current_span()
-        span_context = span.get_span_context()
-        trace_id = span_id = None
-        if span_context.is_valid:
-            trace_id = trace.format_trace_id(span_context.trace_id)
-            span_id = trace.format_span_id(span_context.span_id)
         try:
+            extra: dict[str, Any] = {
+                "route": exchange.route,
+                "upstream": exchange.upstream.name,
+                "server": server,
+                "method": token.method,
+                "path": token.path,
+                "upstream_path": exchange.path,
+                "status": status,
+                "attempts": exchange.attempts,
+                "duration": duration,
+                "request_id": exchange.request_id,
+                "client": exchange.client_ip or None,
+                "error": error_type(error) if error is not None else None,
+            }
+            if exchange.auth_result is not None:
+                extra["auth"] = exchange.auth_result
+            if exchange.rate_limit_result is not None:
+                extra["rate_limit"] = exchange.rate_limit_result
+            head: tuple[object, ...]
+            tail: tuple[object, ...]
+            if isinstance(token, SessionPending):
+                record = _SESSION_RECORD
+                head = (token.path,)
+                tail = (
+                    token.to_upstream,
+                    token.to_client,
+                    token.close_code if token.close_code is not None else "-",
+                    token.closed_by or "-",
+                )
+                extra["websocket_messages_to_upstream"] = token.to_upstream
+                extra["websocket_messages_to_client"] = token.to_client
+                extra["websocket_close_code"] = token.close_code
+                extra["websocket_closed_by"] = token.closed_by
+            else:
+                record = _REQUEST_RECORD
+                head = (token.method, token.path)
+                tail = ()
+                span = token.span or token.traced or trace.get_current_span()
+                extra["trace_id"], extra["span_id"] = _trace_ids(span)
             access_logger.info(
-                "%s %s %d %.1fms route=%s upstream=%s server=%s attempts=%d request_id=%s",
-                token.method,
-                token.path,
+                record,
+                *head,
                 status,
                 duration * 1000,
                 exchange.route,
                 exchange.upstream.name,
                 server or "-",
                 exchange.attempts,
+                *tail,
                 exchange.request_id,
-                extra={
-                    "route": exchange.route,
-                    "upstream": exchange.upstream.name,
-                    "server": server,
-                    "method": token.method,
-                    "path": token.path,
-                    "upstream_path": exchange.path,
-                    "status": status,
-                    "attempts": exchange.attempts,
-                    "duration": duration,
-                    "request_id": exchange.request_id,
-                    "client": exchange.client_ip or None,
-                    "error": error_type(error) if error is not None else None,
-                    "trace_id": trace_id,
-                    "span_id": span_id,
-                },
+                extra=extra,
             )
         except Exception as exc:
             self.report("access log", exc)
@@ -578,6 +726,18 @@ def _set_failure(span: Span, status: int, error: BaseException | None, failure: 
 def _unanswered(status: int, error: BaseException | None) -> bool:
     """True when the client went away before any response was sent (logged as 499)."""
     return status == 499 and isinstance(error, ClientDisconnected)
+
+
+def _trace_ids(span: Span) -> tuple[str | None, str | None]:
+    """The trace and span ids the access log names, in their hex forms (None when invalid)."""
+    span_context = span.get_span_context()
+    if not span_context.is_valid:
+        return None, None
+    return trace.format_trace_id(span_context.trace_id), trace.format_span_id(span_context.span_id)
+
+
+def _session_attributes(exchange: Exchange) -> dict[str, AttributeValue]:
+    return {GATEWAY_UPSTREAM: exchange.upstream.name, HTTP_ROUTE: exchange.route}
 
 
 def _error_type(status: int, error: BaseException | None) -> str | None:

@@ -215,6 +215,11 @@ class Exchange:
     committed: bool = False
     #: The asyncio task relaying this exchange (None off asyncio, or outside the relay).
     task: asyncio.Task[Any] | None = None
+    #: The verified token's claims, on a route with `auth` (rate_limit.key claim:NAME reads them).
+    claims: dict[str, Any] | None = None
+    #: The edge layers' decisions, for the access log: "allowed", "expired", "limited", ...
+    auth_result: str | None = None
+    rate_limit_result: str | None = None
 
 
 @dataclass(slots=True, eq=False)

@@ -29,17 +29,12 @@ import functools
 import logging
 import socket
 import ssl
-import time
 from collections.abc import AsyncIterator, Sequence
-from contextvars import Token
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote_from_bytes
 
 import anyio
 import sniffio
-from opentelemetry import context, metrics, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.util.types import AttributeValue
 
 from ._exceptions import (
     BadRequest,
@@ -54,30 +49,20 @@ from ._exceptions import (
 )
 from ._layers.failover import FailoverLayer
 from ._layers.retry import RetryLayer
+from ._layers.telemetry import TelemetryLayer
 from ._proxy import TrustedProxies, downstream_headers, make_request_id, sane_request_id, upstream_headers
 from ._routing import Route
 from ._stack import UpstreamStack
-from ._telemetry import _SCHEMA_URL, _SCOPE_NAME, Telemetry, _version, error_type
+from ._telemetry import WEBSOCKET, ClosedBy, SessionPending, Telemetry
 from ._types import Exchange, Handler, Request, RequestBody, Response, Server
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import UpDownCounter
-    from opentelemetry.trace import Span, Tracer
     from websockets.asyncio.client import ClientConnection
     from websockets.exceptions import ConnectionClosed
-
-try:
-    from opentelemetry.metrics._internal import _ProxyMeterProvider
-except ImportError:  # pragma: no cover - an API that moved it; then nothing counts as a proxy
-
-    class _ProxyMeterProvider:  # type: ignore[no-redef]
-        pass
-
 
 __all__ = ["proxy_websocket", "unavailable_reason", "warn_if_unavailable"]
 
 logger = logging.getLogger("asgi_gateway")
-access_logger = logging.getLogger("asgi_gateway.access")
 
 EXTRA: Final = "pip install 'asgi-gateway[websockets]'"
 
@@ -103,15 +88,6 @@ _NOT_RELAYED_DOWN: Final = frozenset(
     }
 )
 _HTTP_RESPONSE_EXTENSION: Final = "websocket.http.response"
-
-# Span and metric names: no semantic conventions exist for WebSocket sessions yet.
-MESSAGES_TO_UPSTREAM: Final = "gateway.websocket.messages.client_to_upstream"
-MESSAGES_TO_CLIENT: Final = "gateway.websocket.messages.upstream_to_client"
-CLOSE_CODE: Final = "gateway.websocket.close.code"
-CLOSED_BY: Final = "gateway.websocket.closed_by"
-SESSIONS_METRIC: Final = "gateway.websocket.sessions"
-
-ClosedBy = Literal["client", "upstream", "gateway"]
 
 
 # -- availability -------------------------------------------------------------------------
@@ -234,41 +210,19 @@ def _handshake_request(
 class _Session:
     """One client's WebSocket session: its handshake, relay, close and telemetry."""
 
-    __slots__ = (
-        "_context_token",
-        "_sessions",
-        "accepted",
-        "close_code",
-        "closed_by",
-        "error",
-        "exchange",
-        "route",
-        "scope",
-        "span",
-        "start",
-        "status",
-        "telemetry",
-        "to_client",
-        "to_upstream",
-    )
+    __slots__ = ("accepted", "error", "exchange", "route", "scope", "status", "telemetry", "token")
 
     def __init__(self, telemetry: Telemetry, scope: dict[str, Any], route: Route, exchange: Exchange) -> None:
         self.telemetry = telemetry
         self.scope = scope
         self.route = route
         self.exchange = exchange
-        self.start = time.perf_counter()
         self.accepted = False
         self.status = 500
         self.error: BaseException | None = None
-        self.to_upstream = 0
-        self.to_client = 0
-        self.closed_by: ClosedBy | None = None
-        self.close_code: int | None = None
-        self.span: Span | None = None
-        self._context_token: Token[context.Context] | None = None
-        self._sessions: UpDownCounter | None = None
-        self._start_span()
+        token = telemetry.start(scope, route, exchange, WEBSOCKET)
+        assert isinstance(token, SessionPending)
+        self.token = token
 
     # -- handshake ---------------------------------------------------------------------
 
@@ -325,7 +279,7 @@ class _Session:
             else:
                 self.accepted = True
                 self.exchange.committed = True
-                self._opened()
+                self.telemetry.session_opened(self.token, self.exchange)
                 await relay.run()
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -340,144 +294,19 @@ class _Session:
                 try:
                     await relay.close()
                 finally:
-                    self.to_upstream = relay.to_upstream
-                    self.to_client = relay.to_client
-                    self.closed_by = relay.closed_by
-                    self.close_code = relay.close_code
+                    token = self.token
+                    token.to_upstream = relay.to_upstream
+                    token.to_client = relay.to_client
+                    token.closed_by = relay.closed_by
+                    token.close_code = relay.close_code
                     if error is None:
                         error = self.error = relay.error
                     # Releases the server for the failover layer, which judges the session's end.
                     await response.aclose(error)
 
-    # -- telemetry ---------------------------------------------------------------------
-
-    def _start_span(self) -> None:
-        telemetry = self.telemetry
-        try:
-            tracer = _tracer(telemetry)
-            if tracer is None:
-                return
-            scope = self.scope
-            current = trace.get_current_span().get_span_context()
-            parent: context.Context | None = None
-            kind = SpanKind.SERVER
-            if not current.is_valid:
-                parent = telemetry.propagation().extract(scope["headers"])
-            elif not current.is_remote:
-                # The host app traces the handshake already (its ASGI middleware's span): nest under it.
-                kind = SpanKind.INTERNAL
-            attributes: dict[str, AttributeValue] = {
-                "http.route": self.route.path,
-                "http.request.method": "GET",
-                "url.path": scope.get("path", ""),
-                "url.scheme": scope.get("scheme", "ws"),
-                "gateway.upstream": self.route.upstream,
-            }
-            if self.exchange.client_ip:
-                attributes["client.address"] = self.exchange.client_ip
-            span = tracer.start_span(
-                f"WebSocket {self.route.path}", context=parent, kind=kind, attributes=attributes
-            )
-            # Current for the handshake, so its CLIENT spans (or, unsampled, the traceparent
-            # sent upstream) hang under the session.
-            self._context_token = context.attach(trace.set_span_in_context(span, parent))
-            if span.is_recording():
-                self.span = self.exchange.span = span
-        except Exception as exc:
-            telemetry.report("websocket span start", exc)
-
-    def _opened(self) -> None:
-        try:
-            self._sessions = _sessions_counter(self.telemetry)
-            if self._sessions is not None:
-                self._sessions.add(1, self._metric_attributes())
-        except Exception as exc:
-            self._sessions = None
-            self.telemetry.report("websocket sessions metric", exc)
-
-    def _metric_attributes(self) -> dict[str, AttributeValue]:
-        return {"gateway.upstream": self.route.upstream, "http.route": self.route.path}
-
     def finish(self) -> None:
         """Called once the session is over: span, metrics, access log."""
-        telemetry = self.telemetry
-        duration = time.perf_counter() - self.start
-        if self._sessions is not None:
-            try:
-                self._sessions.add(-1, self._metric_attributes())
-            except Exception as exc:
-                telemetry.report("websocket sessions metric", exc)
-        span = self.span
-        try:
-            if span is not None:
-                attributes: dict[str, AttributeValue] = {
-                    "http.response.status_code": self.status,
-                    MESSAGES_TO_UPSTREAM: self.to_upstream,
-                    MESSAGES_TO_CLIENT: self.to_client,
-                }
-                if self.close_code is not None:
-                    attributes[CLOSE_CODE] = self.close_code
-                if self.closed_by is not None:
-                    attributes[CLOSED_BY] = self.closed_by
-                error = self.error
-                if error is not None:
-                    attributes["error.type"] = error_type(error)
-                elif self.status >= 500:
-                    attributes["error.type"] = str(self.status)
-                span.set_attributes(attributes)
-                if (error is not None and not isinstance(error, anyio.get_cancelled_exc_class())) or (
-                    self.status >= 500
-                ):
-                    span.set_status(Status(StatusCode.ERROR, str(error) if error is not None else None))
-                span.end()
-        except Exception as exc:
-            telemetry.report("websocket span end", exc)
-        finally:
-            if self._context_token is not None:
-                context.detach(self._context_token)
-        if access_logger.isEnabledFor(logging.INFO):
-            self._access_log(duration)
-
-    def _access_log(self, duration: float) -> None:
-        exchange = self.exchange
-        server = exchange.server.url if exchange.server is not None else None
-        try:
-            access_logger.info(
-                "WebSocket %s %d %.1fms route=%s upstream=%s server=%s attempts=%d messages=%d/%d "
-                "close=%s by=%s request_id=%s",
-                self.scope.get("path", ""),
-                self.status,
-                duration * 1000,
-                exchange.route,
-                exchange.upstream.name,
-                server or "-",
-                exchange.attempts,
-                self.to_upstream,
-                self.to_client,
-                self.close_code if self.close_code is not None else "-",
-                self.closed_by or "-",
-                exchange.request_id,
-                extra={
-                    "route": exchange.route,
-                    "upstream": exchange.upstream.name,
-                    "server": server,
-                    "method": "GET",
-                    "path": self.scope.get("path", ""),
-                    "upstream_path": exchange.path,
-                    "status": self.status,
-                    "attempts": exchange.attempts,
-                    "duration": duration,
-                    "request_id": exchange.request_id,
-                    "client": exchange.client_ip or None,
-                    "error": error_type(self.error) if self.error is not None else None,
-                    "websocket_messages_to_upstream": self.to_upstream,
-                    "websocket_messages_to_client": self.to_client,
-                    "websocket_close_code": self.close_code,
-                    "websocket_closed_by": self.closed_by,
-                },
-            )
-        except Exception as exc:
-            self.telemetry.report("access log", exc)
+        self.telemetry.finish(self.token, self.exchange, self.status, self.error)
 
 
 class _Relay:
@@ -668,7 +497,7 @@ async def _handshake(
     Composed per handshake around the upstream's shared failover layer (servers, health,
     balancer) and retry budget; sessions do not count against `max_concurrent_requests`.
     """
-    attempt = _ViaFailover(stack.failover, _EndAttempt(connector, telemetry.client_layer(connector)))
+    attempt = _ViaFailover(stack.failover, _EndAttempt(connector, TelemetryLayer(connector, telemetry)))
     handler = stack.handler
     budget = handler.budget if isinstance(handler, RetryLayer) else None
     retry = RetryLayer(stack.config, attempt, telemetry.events, budget=budget)
@@ -961,32 +790,3 @@ async def _send_close(send: Any, code: int, reason: str) -> None:
 
 def _log_extra(exchange: Exchange) -> dict[str, Any]:
     return {"request_id": exchange.request_id, "upstream": exchange.upstream.name, "route": exchange.route}
-
-
-# -- telemetry ----------------------------------------------------------------------------
-
-
-def _tracer(telemetry: Telemetry) -> Tracer | None:
-    if telemetry.tracer is not None:
-        return telemetry.tracer
-    # The gateway resolves a global provider set after it was built on its next HTTP
-    # request; a WebSocket session may come first.
-    provider = telemetry.tracer_provider or trace.get_tracer_provider()
-    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
-        return None
-    tracer = provider.get_tracer(_SCOPE_NAME, _version(), schema_url=_SCHEMA_URL)
-    return None if isinstance(tracer, trace.NoOpTracer) else tracer
-
-
-def _sessions_counter(telemetry: Telemetry) -> UpDownCounter | None:
-    provider = telemetry.meter_provider or metrics.get_meter_provider()
-    # A proxy provider (no SDK yet) would keep every instrument made through it.
-    if isinstance(provider, _ProxyMeterProvider | metrics.NoOpMeterProvider):
-        return None
-    # The SDK hands out the same meter and instrument again: this costs lookups, no state.
-    meter = provider.get_meter(_SCOPE_NAME, _version(), schema_url=_SCHEMA_URL)
-    if isinstance(meter, metrics.NoOpMeter):
-        return None
-    return meter.create_up_down_counter(
-        SESSIONS_METRIC, unit="{session}", description="WebSocket sessions open through the gateway."
-    )

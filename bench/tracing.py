@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
 
 from asgi_gateway._config import load_config
+from asgi_gateway._layers.telemetry import TelemetryLayer
 from asgi_gateway._routing import Route, Router
 from asgi_gateway._stack import make_servers
 from asgi_gateway._telemetry import Telemetry
@@ -180,8 +181,6 @@ class _Traced(Protocol):
 
     def finish(self, token: Any, exchange: Exchange, status: int, error: BaseException | None) -> None: ...
 
-    def client_layer(self, inner: Handler) -> Handler: ...
-
 
 class _SdkAtGatewayPoints:
     """The SDK alone, called where the gateway calls it: the server span made current at
@@ -250,7 +249,11 @@ async def _run(telemetry: _Traced | None, seconds: float) -> float:
     upstream = config.upstreams["api"]
     (server,) = make_servers(upstream)
     transport = _Instant()
-    handler: Handler = telemetry.client_layer(transport) if telemetry is not None else transport
+    handler: Handler = transport
+    if isinstance(telemetry, Telemetry):
+        handler = TelemetryLayer(transport, telemetry)
+    elif isinstance(telemetry, _SdkAtGatewayPoints):
+        handler = telemetry.client_layer(transport)
     scope: dict[str, Any] = {
         "type": "http",
         "method": "GET",

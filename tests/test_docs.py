@@ -31,7 +31,10 @@ REQUIRED_VALUES: dict[str, Any] = {
     "routes[].path": "/",
     "routes[].upstream": "<name>",
     "upstreams.<name>.servers[].url": "http://127.0.0.1:8000",
+    "routes[].rate_limit.rate": 10,
 }
+#: Values for keys that have a default but of which one must be set (a JWT's key source).
+ONE_OF_VALUES: dict[str, Any] = {"routes[].auth.jwt.jwks_url": "http://127.0.0.1:8000/jwks.json"}
 
 _HEADING = re.compile(r"^###\s+`([^`]+)`", re.MULTILINE)
 _DEFAULT = re.compile(r"^- \*\*Default:\*\*\s*(.*)$")
@@ -96,6 +99,8 @@ def _sample(cls: type[Any], prefix: str = "") -> dict[str, Any]:
                 out[f.name] = {"<name>": _sample(nested, f"{key}.<name>.")}
             else:
                 out[f.name] = _sample(nested, f"{key}.")
+        elif key in ONE_OF_VALUES:
+            out[f.name] = ONE_OF_VALUES[key]
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             assert key in REQUIRED_VALUES, f"{key} is required: give it a value in REQUIRED_VALUES"
             out[f.name] = REQUIRED_VALUES[key]

@@ -29,6 +29,7 @@ from opentelemetry.trace import SpanKind, StatusCode, TraceFlags
 
 from asgi_gateway import ConnectError, Gateway, GatewayMiddleware, JsonFormatter
 from asgi_gateway._config import load_config
+from asgi_gateway._layers.telemetry import TelemetryLayer
 from asgi_gateway._stack import make_servers
 from asgi_gateway._telemetry import SPAN_KEY, Telemetry, span_of
 from asgi_gateway._types import Exchange, Request, RequestBody, Response, Transport
@@ -526,7 +527,7 @@ async def test_client_span_under_a_server_span_that_is_not_current(otel: Otel) -
     # hangs under the exchange's span, and the current baggage still travels.
     telemetry = Telemetry(otel.tracer_provider, otel.meter_provider)
     upstream = ScriptedTransport(200)
-    layer = telemetry.client_layer(upstream)
+    layer = TelemetryLayer(upstream, telemetry)
     config = load_config(make_config())
     (server,) = make_servers(config.upstreams["users"])
     parent = otel.tracer_provider.get_tracer("test").start_span("request", kind=SpanKind.SERVER)

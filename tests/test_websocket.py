@@ -690,6 +690,57 @@ async def test_a_span_per_session_with_message_counts_and_an_open_sessions_metri
     assert record.__dict__["server"] == wa.url and record.__dict__["attempts"] == 1
 
 
+async def test_a_broken_propagator_costs_a_session_its_parent_not_its_span(
+    wa: WsUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Sessions and requests share the span's set-up: a propagator that raises is reported
+    # once, and the session is still traced (without the client's parent).
+    from opentelemetry import propagate
+    from opentelemetry.propagators.textmap import TextMapPropagator
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    class Raising(TextMapPropagator):
+        def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+            raise RuntimeError("extract")
+
+        def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+            raise RuntimeError("inject")
+
+        @property
+        def fields(self) -> set[str]:
+            return {"traceparent"}
+
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(Raising())
+    try:
+        with caplog.at_level(logging.WARNING, logger="asgi_gateway.telemetry"):
+            with gateway(config(wa.url), tracer_provider=tracer_provider) as base:
+                async with ws(f"{base}{ROUTE}/echo?id={session_id()}") as connection:
+                    assert await ask(connection, "one") == "one"
+
+                def session_span() -> Any:
+                    return next(
+                        (s for s in exporter.get_finished_spans() if s.name == f"WebSocket {ROUTE}"), None
+                    )
+
+                span = await eventually(session_span, message="the session span")
+    finally:
+        propagate.set_global_textmap(previous)
+    assert span.parent is None
+    assert (
+        span.attributes is not None and span.attributes["gateway.websocket.messages.client_to_upstream"] == 1
+    )
+    places = [
+        r.args[0] for r in caplog.records if r.name == "asgi_gateway.telemetry" and isinstance(r.args, tuple)
+    ]
+    assert "trace context extraction" in places
+
+
 # -- without asyncio or without the library --------------------------------------------------
 
 

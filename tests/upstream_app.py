@@ -51,11 +51,13 @@ Admin (never affected by fail mode)
 -----------------------------------
 - ``stats``: ``{server, pid, requests: {op: n}, disconnects: {op: n}, in_flight: {op: n},
   completed: {op: n}, total: n}`` (admin requests are not counted).
-- ``reset``: zero the counters, turn fail mode off, health on, clear gates.
+- ``reset``: zero the counters, turn fail mode off, health on, no delay, clear gates.
 - ``fail`` [status=503, retry_after=None, count=None, mode=status|hang|off]: every following
   non-admin request gets ``status`` (or hangs until the client goes, with ``mode=hang``);
   ``count=N`` limits that to the next N requests. ``mode=off`` (or ``status=0``) ends it.
 - ``health`` [ok=1|0]: what ``healthz`` answers.
+- ``delay`` [seconds=0]: every following non-admin request waits ``seconds`` before it is handled
+  (a server that turns slow without failing).
 - ``release`` [key=KEY, n=1]: lets ``n`` more gated SSE events of ``KEY`` go.
 - ``ping``: 200 ``pong`` (readiness).
 """
@@ -137,6 +139,7 @@ class State:
         self.fail_retry_after: str | None = None
         self.fail_count: int | None = None
         self.healthy = True
+        self.delay = 0.0
         self.releases: Counter[str] = Counter()
         self.release_event = asyncio.Event()
 
@@ -149,6 +152,7 @@ class State:
         self.fail_count = None
         self.fail_retry_after = None
         self.healthy = True
+        self.delay = 0.0
         self.releases.clear()
         self.release_event.set()
 
@@ -288,6 +292,9 @@ async def admin(op: str, scope: Scope, send: Send) -> None:
     elif op == "health":
         STATE.healthy = _param(params, "ok", "1") not in ("0", "false", "no")
         await _json(send, {"healthy": STATE.healthy})
+    elif op == "delay":
+        STATE.delay = float(_param(params, "seconds", "0"))
+        await _json(send, {"delay": STATE.delay})
     elif op == "release":
         key = _param(params, "key", "")
         STATE.releases[key] += int(_param(params, "n", "1"))
@@ -352,6 +359,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 async def handle(op: str, params: dict[str, list[str]], scope: Scope, receive: Receive, send: Send) -> None:
+    if STATE.delay:
+        await asyncio.sleep(STATE.delay)
     mode = STATE.fail_mode
     if mode != "off":
         if STATE.fail_count is not None:

@@ -84,6 +84,21 @@ class _Attempt:
         # Anything else (the client went away, a cancellation) says nothing about the server.
 
 
+def _observer(*balancers: Balancer | None) -> Callable[[Server, float, bool], None] | None:
+    """What reports an attempt's time to its response head to the balancers that want it."""
+    observers = [
+        balancer.observe for balancer in balancers if balancer is not None and balancer.measures_latency
+    ]
+    if len(observers) <= 1:
+        return observers[0] if observers else None
+
+    def observe_all(server: Server, seconds: float, failed: bool) -> None:
+        for observe in observers:
+            observe(server, seconds, failed)
+
+    return observe_all
+
+
 class FailoverLayer(Handler):
     """Chooses the server for each attempt and keeps broken servers out of rotation.
 
@@ -121,6 +136,8 @@ class FailoverLayer(Handler):
         if backup_balancer is None and any(server.backup for server in self._servers):
             backup_balancer = make_balancer(upstream)
         self._backup_balancer = backup_balancer
+        # Only a balancer that learns from latency (peak_ewma) costs a second clock read per attempt.
+        self._observe = _observer(balancer, backup_balancer)
         self._failures = {server: _Failures() for server in self._servers}
         self._ejected: set[Server] = set()
         #: Soonest end of an ejection; a pick at or after it readmits.
@@ -143,8 +160,9 @@ class FailoverLayer(Handler):
         outlier detection exactly as a request's attempt is.
         """
         exchange = request.exchange
-        if self._clock() >= self._next_expiry:
-            self._readmit(self._clock())
+        started = self._clock()
+        if started >= self._next_expiry:
+            self._readmit(started)
         server = self._pick(request, exchange)
         request.server = server
         exchange.server = server
@@ -156,10 +174,14 @@ class FailoverLayer(Handler):
             server.in_flight -= 1
             if isinstance(exc, UpstreamError) and exc.retry_condition in FAILURE_CONDITIONS:
                 self._failure(server, exc.retry_condition or "", exchange)
+                if self._observe is not None:
+                    self._observe(server, self._clock() - started, True)
             raise
         failed = response.status in FAILURE_STATUSES
         if failed:
             self._failure(server, str(response.status), exchange)
+        if self._observe is not None:
+            self._observe(server, self._clock() - started, failed)
         response.on_close(_Attempt(self, server, exchange, failed))
         if response.server is None:
             response.server = server

@@ -22,8 +22,8 @@ from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from .._proxy import ClientDisconnected
-from .._telemetry import (
+from .._exceptions import ClientDisconnected
+from .._semconv import (
     ERROR_TYPE,
     HTTP_REQUEST_METHOD,
     HTTP_REQUEST_METHOD_ORIGINAL,
@@ -32,19 +32,16 @@ from .._telemetry import (
     NETWORK_PEER_ADDRESS,
     SERVER_ADDRESS,
     SERVER_PORT,
-    SPAN_KEY,
     URL_FULL,
     error_type,
     method_attributes,
-    span_of,
 )
+from .._telemetry import SPAN_KEY, Telemetry, span_of
 from .._types import Handler, Request, Response, Server
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Histogram
     from opentelemetry.trace import Span
-
-    from .._telemetry import Telemetry
 
 __all__ = ["TelemetryLayer"]
 

@@ -10,7 +10,8 @@ import random
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -19,12 +20,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asgi_gateway._config import ServerConfig, UpstreamConfig
+from asgi_gateway._exceptions import ConnectError, TotalTimeout
 from asgi_gateway._layers import balancer as balancer_module
 from asgi_gateway._layers.balancer import (
     LEAST_CONNECTIONS_EXACT_LIMIT,
+    PEAK_EWMA_FAILURE_FLOOR,
     Balancer,
     ConsistentHashBalancer,
     LeastConnectionsBalancer,
+    PeakEwmaBalancer,
     RandomBalancer,
     RoundRobinBalancer,
     WeightedRandomBalancer,
@@ -34,9 +38,10 @@ from asgi_gateway._layers.balancer import (
     make_balancer,
     smooth_cycle,
 )
-from asgi_gateway._types import Exchange, Request, RequestBody, Server
+from asgi_gateway._layers.failover import FailoverLayer
+from asgi_gateway._types import Exchange, Handler, Request, RequestBody, Response, Server
 
-KINDS = ("round_robin", "random", "weighted_random", "least_connections", "consistent_hash")
+KINDS = ("round_robin", "random", "weighted_random", "least_connections", "peak_ewma", "consistent_hash")
 
 
 def make_servers(weights: Sequence[int], base_port: int = 9000, backup: bool = False) -> list[Server]:
@@ -481,6 +486,326 @@ def test_least_connections_power_of_two_choices_with_alias_tables() -> None:
     weighted[0].in_flight = 0
     assert all(balancer.pick(REQUEST, exclude=weighted[:50]) not in weighted[:50] for _ in range(1000))
     assert all(balancer.pick(REQUEST, exclude=weighted[:-1]) is weighted[-1] for _ in range(100))
+
+
+# -- peak EWMA -----------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def peak_ewma(
+    servers: Sequence[Server], clock: FakeClock, seed: int = 1, decay: float = 10.0
+) -> PeakEwmaBalancer:
+    balancer = PeakEwmaBalancer(random.Random(seed), decay=decay, clock=clock)
+    balancer.set_servers(servers)
+    return balancer
+
+
+def test_peak_ewma_decays_with_time_towards_lower_samples_and_while_idle() -> None:
+    clock = FakeClock()
+    server = make_servers([1])[0]
+    balancer = peak_ewma([server], clock)
+    assert balancer.estimate(server) == 0.0
+    balancer.observe(server, 0.100)
+    assert balancer.estimate(server) == pytest.approx(0.100)
+    # No answers for one time constant: the estimate is down to 1/e of what it was.
+    clock.now += 10.0
+    assert balancer.estimate(server) == pytest.approx(0.100 / math.e)
+    # A lower sample after that gap is blended in with weight 1 - exp(-10 s / 10 s).
+    balancer.observe(server, 0.020)
+    w = math.exp(-1.0)
+    assert balancer.estimate(server) == pytest.approx(0.100 * w + 0.020 * (1 - w))
+    # Lower samples close together move it little each; five time constants of them bring it
+    # down to theirs.
+    for _ in range(5000):
+        clock.now += 0.01
+        balancer.observe(server, 0.020)
+    assert balancer.estimate(server) == pytest.approx(0.020, rel=0.01)
+
+
+def test_peak_ewma_a_higher_sample_replaces_the_estimate_at_once() -> None:
+    clock = FakeClock()
+    server = make_servers([1])[0]
+    balancer = peak_ewma([server], clock)
+    for _ in range(100):
+        clock.now += 0.01
+        balancer.observe(server, 0.010)
+    clock.now += 0.001
+    balancer.observe(server, 0.500)
+    assert balancer.estimate(server) == 0.500
+    # One fast answer a millisecond later barely moves it: a peak is remembered for a while.
+    clock.now += 0.001
+    balancer.observe(server, 0.010)
+    assert balancer.estimate(server) == pytest.approx(0.500, rel=1e-3)
+
+
+def test_peak_ewma_picks_by_latency_times_in_flight() -> None:
+    clock = FakeClock()
+    fast, slow = make_servers([1, 1])
+    balancer = peak_ewma([fast, slow], clock)
+    balancer.observe(fast, 0.010)
+    balancer.observe(slow, 0.030)
+    # Two servers: both are always the candidates, so the cheaper one always wins.
+    assert {balancer.pick(REQUEST) for _ in range(100)} == {fast}
+    fast.in_flight = 2  # 0.010 * 3 = 0.030: a tie goes to the first candidate, drawn at random
+    assert {balancer.pick(REQUEST) for _ in range(100)} == {fast, slow}
+    fast.in_flight = 3  # 0.040 > 0.030
+    assert {balancer.pick(REQUEST) for _ in range(100)} == {slow}
+
+
+def test_peak_ewma_an_avoided_server_is_tried_again_as_its_estimate_decays() -> None:
+    clock = FakeClock()
+    fast, slow = make_servers([1, 1])
+    balancer = peak_ewma([fast, slow], clock)
+    balancer.observe(fast, 0.010)
+    balancer.observe(slow, 0.050)
+    # The fast one keeps answering in 10 ms, the slow one gets nothing: its 50 ms decays towards
+    # zero and drops below 10 ms after 10 s * ln(5), about 16 s.
+    for _ in range(15):
+        clock.now += 1.0
+        balancer.observe(fast, 0.010)
+        assert balancer.pick(REQUEST) is fast
+    clock.now += 2.0
+    balancer.observe(fast, 0.010)
+    assert balancer.estimate(slow) < balancer.estimate(fast)
+    assert balancer.pick(REQUEST) is slow
+
+
+def test_peak_ewma_slow_server_gets_almost_nothing_among_many() -> None:
+    clock = FakeClock()
+    servers = make_servers([1] * 5)
+    balancer = peak_ewma(servers, clock, seed=4)
+    for server in servers:
+        balancer.observe(server, 0.010)
+    balancer.observe(servers[0], 0.100)
+    got = counts([balancer.pick(REQUEST) for _ in range(5000)], servers)
+    # The two candidates are distinct, so the slow one loses every comparison.
+    assert got[0] == 0
+    assert min(got[1:]) > 1000
+    # Under load it gets a request only once the others hold 10 or more in flight each.
+    for server in servers[1:]:
+        server.in_flight = 8
+    assert servers[0] not in {balancer.pick(REQUEST) for _ in range(100)}
+    for server in servers[1:]:
+        server.in_flight = 10
+    # Then it wins every comparison it is in: 2 picks in 5.
+    assert 1000 < [balancer.pick(REQUEST) for _ in range(5000)].count(servers[0]) < 3000
+
+
+def test_peak_ewma_unmeasured_server_gets_one_probe_at_a_time() -> None:
+    clock = FakeClock()
+    servers = make_servers([1, 1, 1])
+    balancer = peak_ewma(servers[:2], clock)
+    for server in servers[:2]:
+        balancer.observe(server, 0.010)
+    new = servers[2]
+    balancer.set_servers(servers)
+    assert balancer.estimate(new) == 0.0
+    picks = [balancer.pick(REQUEST) for _ in range(300)]
+    # Chosen whenever it is a candidate (2 in 3 picks) while nothing is in flight on it ...
+    assert 150 < picks.count(new) < 250
+    # ... and never while its probe is in flight with nothing measured yet.
+    new.in_flight = 1
+    assert new not in {balancer.pick(REQUEST) for _ in range(300)}
+    new.in_flight = 0
+    balancer.observe(new, 0.005)
+    assert balancer.estimate(new) == 0.005
+
+
+def test_peak_ewma_readmitted_server_starts_at_no_worse_than_the_median() -> None:
+    clock = FakeClock()
+    servers = make_servers([1] * 5)
+    balancer = peak_ewma(servers, clock)
+    for server, seconds in zip(servers, (0.010, 0.020, 0.030, 0.040, 0.005), strict=True):
+        balancer.observe(server, seconds)
+    # The last one fails its way out (an ejection) ...
+    out = servers[4]
+    for _ in range(5):
+        balancer.observe(out, 0.001, failed=True)
+    assert balancer.estimate(out) >= 1.0
+    balancer.set_servers(servers[:4])
+    clock.now += 1.0
+    # ... and comes back at the median of the others (0.020 and 0.030, decayed for 1 s), not
+    # at its penalty.
+    balancer.set_servers(servers)
+    decayed = math.exp(-1.0 / 10.0)
+    assert balancer.estimate(out) == pytest.approx(0.025 * decayed)
+    assert balancer.estimate(servers[0]) == pytest.approx(0.010 * decayed)
+    # A server that comes back better than the median keeps its own estimate.
+    balancer.set_servers(servers[1:])
+    balancer.set_servers(servers)
+    assert balancer.estimate(servers[0]) == pytest.approx(0.010 * decayed)
+    # A fresh server (never measured) is not given anyone's estimate: it is probed.
+    extra = make_servers([1], base_port=9100)[0]
+    balancer.set_servers([*servers, extra])
+    assert balancer.estimate(extra) == 0.0
+
+
+def test_peak_ewma_a_failure_is_a_slow_sample() -> None:
+    clock = FakeClock()
+    fast, failing, other = make_servers([1, 1, 1])
+    balancer = peak_ewma([fast, failing, other], clock)
+    balancer.observe(fast, 0.010)
+    balancer.observe(other, 0.010)
+    # A connect failure in a tenth of a millisecond on a server not measured yet: the floor.
+    balancer.observe(failing, 0.0001, failed=True)
+    assert balancer.estimate(failing) == PEAK_EWMA_FAILURE_FLOOR
+    assert failing not in {balancer.pick(REQUEST) for _ in range(200)}
+    # Each further failure counts as twice the estimate, up to 10 s; a slow one as its own time.
+    balancer.observe(failing, 0.0001, failed=True)
+    assert balancer.estimate(failing) == pytest.approx(2 * PEAK_EWMA_FAILURE_FLOOR)
+    for _ in range(20):
+        balancer.observe(failing, 0.0001, failed=True)
+    assert balancer.estimate(failing) == 10.0
+    balancer.observe(failing, 30.0, failed=True)
+    assert balancer.estimate(failing) == 30.0
+    # A fast failure on a fast server: twice its estimate.
+    balancer.observe(fast, 0.5, failed=False)
+    clock.now += 100.0
+    balancer.observe(fast, 0.010)
+    before = balancer.estimate(fast)
+    balancer.observe(fast, 0.001, failed=True)
+    assert balancer.estimate(fast) == pytest.approx(max(2 * before, PEAK_EWMA_FAILURE_FLOOR))
+
+
+def test_peak_ewma_weights_count_per_unit_of_weight_under_load() -> None:
+    clock = FakeClock()
+    servers = make_servers([4] + [1] * 99)
+    balancer = peak_ewma(servers, clock, seed=5)
+    for server in servers:
+        balancer.observe(server, 0.010)
+    rng = random.Random(3)
+    in_flight: list[Server] = []
+    picks = [0] * len(servers)
+    for _ in range(30_000):
+        server = balancer.pick(REQUEST)
+        assert server is not None
+        server.in_flight += 1
+        picks[server.index] += 1
+        in_flight.append(server)
+        if len(in_flight) > 300:
+            in_flight.pop(rng.randrange(len(in_flight))).in_flight -= 1
+    # Same latency everywhere: the weight-4 server carries about 4 times a weight-1 server's load.
+    assert 3.0 < picks[0] / (sum(picks[1:]) / 99) < 6.0, picks[0]
+    for server in in_flight:
+        server.in_flight -= 1
+
+
+def test_peak_ewma_exclude_and_alias_tables() -> None:
+    clock = FakeClock()
+    weighted = make_servers([4001] + [1000] * 99)
+    balancer = peak_ewma(weighted, clock, seed=5)
+    for server in weighted:
+        balancer.observe(server, 0.010)
+    assert all(balancer.pick(REQUEST, exclude=weighted[:50]) not in weighted[:50] for _ in range(1000))
+    assert all(balancer.pick(REQUEST, exclude=weighted[:-1]) is weighted[-1] for _ in range(100))
+    assert balancer.pick(REQUEST, exclude=weighted) in weighted
+    # Most of the set excluded: two of the rest are compared, so the slow one of them loses.
+    balancer.observe(weighted[-1], 1.0)
+    left = weighted[-2:]
+    assert {balancer.pick(REQUEST, exclude=weighted[:-2]) for _ in range(100)} == {left[0]}
+
+
+def test_peak_ewma_pick_work_with_measured_servers_does_not_grow() -> None:
+    requests = [make_request() for _ in range(300)]
+    work = {}
+    for n in (40, 2000):
+        clock = FakeClock()
+        servers = make_servers([1 + i % 3 for i in range(n)])
+        balancer = peak_ewma(servers, clock, seed=n)
+        for i, server in enumerate(servers):
+            balancer.observe(server, 0.001 * (1 + i % 17))
+            server.in_flight = i % 5
+        work[n] = pick_work(balancer, requests)
+    (small_lines, small_bytes), (large_lines, large_bytes) = work[40], work[2000]
+    assert sum(large_lines) / len(large_lines) <= 1.5 * sum(small_lines) / len(small_lines) + 4
+    assert max(large_lines) <= 80
+    assert large_bytes <= min(2 * small_bytes + 1024, 4096)
+
+
+def test_only_a_balancer_that_measures_latency_is_told_about_attempts() -> None:
+    assert PeakEwmaBalancer.measures_latency
+    for kind in ("round_robin", "random", "weighted_random", "least_connections", "consistent_hash"):
+        assert not balancer_for(make_servers([1]), kind, "path").measures_latency
+        assert (
+            FailoverLayer(
+                upstream_for(make_servers([1]), kind, "path"),
+                make_servers([1]),
+                balancer_for(make_servers([1]), kind, "path"),
+                Answers(FakeClock()),
+            )._observe
+            is None
+        )
+
+
+class Answers(Handler):
+    """Answers `status` after `seconds` of the fake clock, or raises `error`."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.seconds = 0.0
+        self.status = 200
+        self.error: BaseException | None = None
+
+    async def handle_request(self, request: Request) -> Response:
+        self.clock.now += self.seconds
+        if self.error is not None:
+            raise self.error
+        return Response(status=self.status, headers=[], stream=_Body())
+
+
+class _Body:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        yield b"ok"
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_failover_reports_each_attempts_time_to_its_head_and_its_failures() -> None:
+    clock = FakeClock()
+    servers = make_servers([1])
+    (server,) = servers
+    upstream = replace(upstream_for(servers, "peak_ewma"), outlier_detection=None)
+    balancer = PeakEwmaBalancer(random.Random(1), clock=clock)
+    inner = Answers(clock)
+    failover = FailoverLayer(upstream, servers, balancer, inner, clock=clock)
+    inner.seconds = 0.250
+    response = await failover.handle_request(make_request())
+    # Measured to the head: reading and closing the body later changes nothing.
+    assert balancer.estimate(server) == pytest.approx(0.250)
+    clock.now += 5.0
+    await response.aclose()
+    assert balancer.estimate(server) == pytest.approx(0.250 * math.exp(-0.5))
+    # A fast 503 is a failed attempt: a slow sample.
+    clock.now += 100.0
+    inner.seconds, inner.status = 0.001, 503
+    await (await failover.handle_request(make_request())).aclose()
+    assert balancer.estimate(server) == pytest.approx(PEAK_EWMA_FAILURE_FLOOR, rel=1e-3)
+    # A connect failure likewise; an error that is not the server's fault is no sample.
+    clock.now += 100.0
+    inner.error = ConnectError("refused")
+    with pytest.raises(ConnectError):
+        await failover.handle_request(make_request())
+    assert balancer.estimate(server) == pytest.approx(PEAK_EWMA_FAILURE_FLOOR, rel=1e-3)
+    clock.now += 100.0
+    before = balancer.estimate(server)
+    inner.seconds = 0.0
+    inner.error = TotalTimeout("the client's deadline")
+    with pytest.raises(TotalTimeout):
+        await failover.handle_request(make_request())
+    assert balancer.estimate(server) == before
+    assert server.in_flight == 0
 
 
 # -- consistent hashing --------------------------------------------------------------------

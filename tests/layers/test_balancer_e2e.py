@@ -13,6 +13,8 @@ import httpx
 import pytest
 from servers import UpstreamProcess, Upstreams, wait_until
 
+from asgi_gateway._layers import balancer as balancer_module
+
 STATUS = "/-/gateway/status"
 NAMES = ("u1", "u2", "u3")
 
@@ -206,3 +208,66 @@ def test_consistent_hash_on_cookie_path_and_client_ip(
     with httpx.Client(base_url=by_ip, timeout=10) as client:
         # Every request comes from 127.0.0.1: one server for all.
         assert len({served_by(client, f"/api/items/{i}") for i in range(20)}) == 1
+
+
+@pytest.mark.anyio
+async def test_peak_ewma_moves_traffic_off_a_slow_server_and_back_when_it_recovers(
+    upstreams: Upstreams, gateway_factory: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The decay shortened from 10 s to 0.5 s, so that a slow server is tried again (and found
+    # fast) within a second or two rather than tens of seconds.
+    monkeypatch.setattr(balancer_module, "PEAK_EWMA_DECAY", 0.5)
+    slow = upstreams.u1
+    base = gateway_factory(gateway_config(equal(upstreams), "peak_ewma"))
+    served: list[str] = []
+    phase = {"name": "warm-up"}
+    by_phase: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for _ in range(5000):
+            response = await client.get("/api/echo")
+            assert response.status_code == 200, response.text
+            name = response.headers["x-upstream-name"]
+            served.append(name)
+            by_phase[phase["name"]][name] += 1
+
+    async def wait_for(predicate: Callable[[], bool], seconds: float, what: str) -> None:
+        with anyio.move_on_after(seconds):
+            while not predicate():
+                await anyio.sleep(0.01)
+            return
+        raise AssertionError(f"timed out after {seconds}s waiting for {what}: {dict(by_phase)}")
+
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as workers:
+                    # Two at a time: too few in flight for least_connections to see the slow server.
+                    for _ in range(2):
+                        workers.start_soon(worker, client)
+                    await wait_for(lambda: len(served) >= 150, 20, "warm-up traffic")
+                    assert all(by_phase["warm-up"][name] for name in NAMES), by_phase["warm-up"]
+                    # u1 turns slow without failing: 20 ms before each answer, ten times the others.
+                    await anyio.to_thread.run_sync(lambda: slow.admin("delay", seconds=0.02))
+                    phase["name"] = "switching"
+                    # Once a slow answer has come back ...
+                    await wait_for(lambda: by_phase["switching"]["u1"] >= 1, 10, "a slow answer")
+                    phase["name"] = "slow"
+                    start = len(served)
+                    await wait_for(lambda: len(served) - start >= 600, 20, "traffic while u1 is slow")
+                    # ... u1 gets a probe now and then; round robin would give it 200 of these 600,
+                    # least_connections about 40.
+                    slow_share = by_phase["slow"]
+                    assert slow_share["u1"] <= 15, slow_share
+                    assert slow_share["u2"] + slow_share["u3"] >= 585, slow_share
+                    # u1 recovers: once a probe finds it fast again, its share comes back.
+                    await anyio.to_thread.run_sync(lambda: slow.admin("delay", seconds=0))
+                    phase["name"] = "recovered"
+
+                    def u1_is_back() -> bool:
+                        return served[-150:].count("u1") >= 20
+
+                    await wait_for(u1_is_back, 15, "u1's share to come back")
+                    workers.cancel_scope.cancel()
+    finally:
+        await anyio.to_thread.run_sync(lambda: slow.admin("delay", seconds=0))

@@ -140,10 +140,14 @@ class State:
         self.fail_count: int | None = None
         self.healthy = True
         self.delay = 0.0
+        self.generation = 0
         self.releases: Counter[str] = Counter()
         self.release_event = asyncio.Event()
 
     def reset(self) -> None:
+        # Requests still running from before the reset must not count in the fresh counters
+        # (a leftover decrement would leave `in_flight` at -1).
+        self.generation += 1
         self.requests.clear()
         self.disconnects.clear()
         self.in_flight.clear()
@@ -348,14 +352,19 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     op = _op(scope, params)
     STATE.requests[op] += 1
     STATE.in_flight[op] += 1
+    generation = STATE.generation
+    outcome: Counter[str] | None = None
     try:
         await handle(op, params, scope, receive, send)
     except ClientGone:
-        STATE.disconnects[op] += 1
+        outcome = STATE.disconnects
     else:
-        STATE.completed[op] += 1
+        outcome = STATE.completed
     finally:
-        STATE.in_flight[op] -= 1
+        if generation == STATE.generation:
+            STATE.in_flight[op] -= 1
+            if outcome is not None:
+                outcome[op] += 1
 
 
 async def handle(op: str, params: dict[str, list[str]], scope: Scope, receive: Receive, send: Send) -> None:

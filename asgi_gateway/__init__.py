@@ -8,12 +8,14 @@ OpenTelemetry traces and metrics. Everything else reaches your app untouched.
 from ._config import (
     AuthConfig,
     GatewayConfig,
+    HeaderRulesConfig,
     HealthCheckConfig,
     JwtConfig,
     OutlierDetectionConfig,
     RateLimitConfig,
     RedisConfig,
     RetryConfig,
+    RewriteConfig,
     RouteConfig,
     ServerConfig,
     TimeoutsConfig,
@@ -43,10 +45,11 @@ from ._exceptions import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from ._layers.transform import Hooks
 from ._middleware import Gateway, GatewayMiddleware
 from ._telemetry import JsonFormatter
 from ._transports.httpx import HttpxTransport
-from ._types import Handler, Request, RequestBody, Response, Server, Transport
+from ._types import BufferedStream, Handler, Request, RequestBody, Response, Server, Transport
 
 __version__ = "0.1.0"
 
@@ -54,6 +57,7 @@ __all__ = [
     "AuthConfig",
     "BadGateway",
     "BadRequest",
+    "BufferedStream",
     "ClientRequestError",
     "ConcurrencyLimitExceeded",
     "ConfigError",
@@ -67,7 +71,9 @@ __all__ = [
     "GatewayMiddleware",
     "GatewayTimeout",
     "Handler",
+    "HeaderRulesConfig",
     "HealthCheckConfig",
+    "Hooks",
     "HttpxTransport",
     "InvalidResponse",
     "JsonFormatter",
@@ -84,6 +90,7 @@ __all__ = [
     "RequestBody",
     "Response",
     "RetryConfig",
+    "RewriteConfig",
     "RouteConfig",
     "Server",
     "ServerConfig",

@@ -11,7 +11,7 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from ._exceptions import ConfigError
 
@@ -21,12 +21,14 @@ __all__ = [
     "RETRY_CONDITIONS",
     "AuthConfig",
     "GatewayConfig",
+    "HeaderRulesConfig",
     "HealthCheckConfig",
     "JwtConfig",
     "OutlierDetectionConfig",
     "RateLimitConfig",
     "RedisConfig",
     "RetryConfig",
+    "RewriteConfig",
     "RouteConfig",
     "ServerConfig",
     "TimeoutsConfig",
@@ -246,6 +248,35 @@ class RedisConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderRulesConfig:
+    """A route's header rules, one way: `routes[].request_headers` or `routes[].response_headers`.
+
+    Applied in this order: every header named in `remove` goes, then each `set` name
+    replaces whatever headers of that name there were with one, then each `add` header is
+    added beside any already there. Names are header names (any case); values may hold
+    variables such as `{client_ip}` or `{claim:sub}`, and `{{`/`}}` for literal braces.
+    """
+
+    set: Mapping[str, str] = field(default_factory=dict)
+    add: Mapping[str, str] = field(default_factory=dict)
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteConfig:
+    """A route's path rewrite: `routes[].rewrite`.
+
+    The first match of `pattern` (a regular expression, searched in the raw path as it goes
+    upstream, after `strip_prefix`) is replaced by `replacement`, where `$1`, `${1}` and
+    `${name}` are the pattern's groups and `$$` is a `$`. A path the pattern does not match
+    goes upstream unchanged.
+    """
+
+    pattern: str
+    replacement: str
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """One route: an entry of `routes`.
 
@@ -267,6 +298,17 @@ class RouteConfig:
     #: Client addresses or networks allowed (after `trusted_proxies`); None allows everyone.
     allow_ips: tuple[str, ...] | None = None
     deny_ips: tuple[str, ...] = ()
+    request_headers: HeaderRulesConfig | None = None
+    response_headers: HeaderRulesConfig | None = None
+    rewrite: RewriteConfig | None = None
+    #: `rewrite`: a `Location`/`Content-Location` at an upstream server (or, with `strip_prefix`,
+    #: an absolute path) is made the client-facing URL; `keep` passes them as they are.
+    redirects: Literal["keep", "rewrite"] = "keep"
+    #: `rewrite`: `Set-Cookie` `Path` gets the stripped prefix back and a `Domain` naming an
+    #: upstream server becomes the client-facing host; `keep` passes them as they are.
+    cookies: Literal["keep", "rewrite"] = "keep"
+    #: Send an RFC 7239 `Forwarded` header upstream (default: the top-level `forwarded`).
+    forwarded: bool | _Inherit = INHERIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +330,8 @@ class GatewayConfig:
     max_message_size: int | None = 1024 * 1024
     #: The Redis that `backend: redis` rate limits use; None when no route needs one.
     redis: RedisConfig | None = None
+    #: Send an RFC 7239 `Forwarded` header upstream on every route that does not say otherwise.
+    forwarded: bool = False
 
     def __post_init__(self) -> None:
         validate(self)
@@ -517,6 +561,7 @@ def from_mapping(data: Any) -> GatewayConfig:
             "status_path",
             "max_message_size",
             "redis",
+            "forwarded",
         ),
         errors,
         GatewayConfig,
@@ -554,6 +599,7 @@ def from_mapping(data: Any) -> GatewayConfig:
         errors.add("trusted_proxies", f"{trusted!r} is not a list of addresses or CIDRs")
         trusted = []
     preserve_host = top.boolean("preserve_host")
+    forwarded = top.boolean("forwarded")
     status_path = top.string("status_path")
     if redis is not None:
         _check_redis(redis, errors)
@@ -574,6 +620,7 @@ def from_mapping(data: Any) -> GatewayConfig:
         status_path=status_path,
         max_message_size=max_message_size if isinstance(max_message_size, int) else None,
         redis=redis,
+        forwarded=forwarded,
     )
 
 
@@ -710,6 +757,12 @@ def _route(path: str, data: Any, errors: _Errors) -> RouteConfig:
             "auth",
             "allow_ips",
             "deny_ips",
+            "request_headers",
+            "response_headers",
+            "rewrite",
+            "redirects",
+            "cookies",
+            "forwarded",
         ),
         errors,
         RouteConfig,
@@ -734,7 +787,58 @@ def _route(path: str, data: Any, errors: _Errors) -> RouteConfig:
         auth=_auth(reader),
         allow_ips=_addresses(reader, "allow_ips"),
         deny_ips=_addresses(reader, "deny_ips") or (),
+        request_headers=_header_rules(reader, "request_headers"),
+        response_headers=_header_rules(reader, "response_headers"),
+        rewrite=_rewrite(reader),
+        redirects=reader.string("redirects"),  # type: ignore[arg-type]  # checked in _check_route()
+        cookies=reader.string("cookies"),  # type: ignore[arg-type]  # checked in _check_route()
+        forwarded=reader.boolean("forwarded") if reader.has("forwarded") else INHERIT,
     )
+
+
+def _header_rules(route: _Reader, key: str) -> HeaderRulesConfig | None:
+    enabled, data = _optional_section(route, key, False)
+    if not enabled:
+        return None
+    reader = _Reader(data, route.where(key), ("set", "add", "remove"), route.errors, HeaderRulesConfig)
+    values: dict[str, dict[str, str]] = {}
+    for kind in ("set", "add"):
+        raw = reader.raw(kind, {})
+        if not isinstance(raw, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+        ):
+            route.errors.add(reader.where(kind), f"{raw!r} is not a mapping of header names to strings")
+            raw = {}
+        values[kind] = {name.lower(): value for name, value in raw.items()}
+    remove = reader.raw("remove", [])
+    if not isinstance(remove, list) or not all(isinstance(name, str) for name in remove):
+        route.errors.add(reader.where("remove"), f"{remove!r} is not a list of header names")
+        remove = []
+    return HeaderRulesConfig(
+        set=values["set"], add=values["add"], remove=tuple(name.lower() for name in remove)
+    )
+
+
+def _rewrite(route: _Reader) -> RewriteConfig | None:
+    enabled, data = _optional_section(route, "rewrite", False)
+    if not enabled:
+        return None
+    reader = _Reader(data, route.where("rewrite"), ("pattern", "replacement"), route.errors, RewriteConfig)
+    pattern = reader.raw("pattern")
+    if not isinstance(pattern, str) or not pattern:
+        route.errors.add(
+            reader.where("pattern"),
+            "is required" if pattern is None else f"{pattern!r} is not a non-empty string",
+        )
+        pattern = ""
+    replacement = reader.raw("replacement")
+    if not isinstance(replacement, str):
+        route.errors.add(
+            reader.where("replacement"),
+            "is required" if replacement is None else f"{replacement!r} is not a string",
+        )
+        replacement = ""
+    return RewriteConfig(pattern=pattern, replacement=replacement)
 
 
 def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
@@ -947,6 +1051,247 @@ def _check_route(
             errors.add(f"{where}.auth.jwt", "is required in auth (the only method so far)")
         else:
             _check_jwt(f"{where}.auth.jwt", route.auth.jwt, errors)
+    claims = route.auth is not None and route.auth.jwt is not None
+    if route.request_headers is not None:
+        _check_header_rules(f"{where}.request_headers", route.request_headers, errors, up=True, claims=claims)
+    if route.response_headers is not None:
+        _check_header_rules(
+            f"{where}.response_headers", route.response_headers, errors, up=False, claims=claims
+        )
+    if route.rewrite is not None:
+        _check_rewrite(f"{where}.rewrite", route, errors)
+    for key in ("redirects", "cookies"):
+        if getattr(route, key) not in ("keep", "rewrite"):
+            errors.add(f"{where}.{key}", f"{getattr(route, key)!r} is not one of keep, rewrite")
+    if not isinstance(route.forwarded, bool | _Inherit):
+        errors.add(f"{where}.forwarded", f"{route.forwarded!r} is not true or false")
+
+
+# -- header rules and rewrites --------------------------------------------------------------
+
+#: Variables a header rule's value may hold; `server` only on the way back (it is chosen
+#: after the request's headers are final, once per try).
+HEADER_VARIABLES: Final = ("client_ip", "request_id", "route", "upstream", "server")
+# Headers the gateway itself frames or sets on the way up (the transport sends Host; the
+# telemetry layer sends traceparent); a rule on them would be overridden or contradict them.
+_RULE_RESERVED_UP: Final = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+    }
+)
+# ... and on the way back, where the server in front frames the body and adds Date.
+_RULE_RESERVED_DOWN: Final = frozenset(
+    {
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "x-request-id",
+        "date",
+    }
+)
+_TEMPLATE_PART = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
+_CLAIM_NAME = re.compile(r"^[^\s{}]+$")
+
+
+def header_template(value: str) -> tuple[str | tuple[str, str], ...]:
+    """A header rule's value as its parts: literal text, or `(kind, name)` for a variable.
+
+    `kind` is `var` (`{client_ip}`, ...) or `claim` (`{claim:NAME}`). Raises ValueError
+    naming what is wrong.
+    """
+    parts: list[str | tuple[str, str]] = []
+    literal: list[str] = []
+    pos = 0
+    for match in _TEMPLATE_PART.finditer(value):
+        literal.append(value[pos : match.start()])
+        pos = match.end()
+        text = match.group(0)
+        if text in ("{{", "}}"):
+            literal.append(text[0])
+            continue
+        name = match.group(1)
+        if name is None:
+            raise ValueError(f"{text!r} without its pair (write {text * 2!r} for a literal {text!r})")
+        if name.startswith("claim:") and _CLAIM_NAME.match(name[6:]):
+            variable = ("claim", name[6:])
+        elif name in HEADER_VARIABLES:
+            variable = ("var", name)
+        else:
+            raise ValueError(
+                f"{{{name}}} is not a variable ({', '.join('{' + v + '}' for v in HEADER_VARIABLES)},"
+                " {claim:NAME})"
+            )
+        if literal:
+            parts.append("".join(literal))
+            literal = []
+        parts.append(variable)
+    literal.append(value[pos:])
+    if "".join(literal):
+        parts.append("".join(literal))
+    return tuple(parts)
+
+
+def _check_header_rules(
+    where: str, rules: HeaderRulesConfig, errors: _Errors, *, up: bool, claims: bool
+) -> None:
+    reserved = _RULE_RESERVED_UP if up else _RULE_RESERVED_DOWN
+    for kind in ("set", "add", "remove"):
+        entries = getattr(rules, kind)
+        names = entries if kind == "remove" else list(entries)
+        for i, name in enumerate(names):
+            at = f"{where}.{kind}[{i}]" if kind == "remove" else f"{where}.{kind}.{name}"
+            if not isinstance(name, str) or not _HEADER_NAME.match(name.lower()):
+                errors.add(at, f"{name!r} is not a header name")
+            elif name.lower() in reserved:
+                errors.add(at, f"{name!r} is the gateway's own header{'' if up else ' on the way back'}")
+            elif kind != "remove":
+                _check_header_value(at, entries[name], errors, up=up, claims=claims)
+
+
+def _check_header_value(where: str, value: object, errors: _Errors, *, up: bool, claims: bool) -> None:
+    if not isinstance(value, str) or not _HEADER_VALUE.match(value):
+        errors.add(where, f"{value!r} is not a header value (printable ASCII)")
+        return
+    try:
+        parts = header_template(value)
+    except ValueError as exc:
+        errors.add(where, str(exc))
+        return
+    for part in parts:
+        if part == ("var", "server") and up:
+            errors.add(where, "{server} is only known on the way back (use it in response_headers)")
+        elif isinstance(part, tuple) and part[0] == "claim" and not claims:
+            errors.add(where, f"{{claim:{part[1]}}} needs the route's auth.jwt (claims come from its token)")
+
+
+_GROUP_REFERENCE = re.compile(r"\$(?:(\$)|(\d+)|\{(\w+)\}|)")
+
+
+def rewrite_template(replacement: str, pattern: re.Pattern[bytes]) -> tuple[bytes | int | str, ...]:
+    """A rewrite's replacement as its parts: literal bytes, or a group's number or name.
+
+    Raises ValueError naming a reference the pattern has no group for.
+    """
+    parts: list[bytes | int | str] = []
+    literal = bytearray()
+    pos = 0
+    for match in _GROUP_REFERENCE.finditer(replacement):
+        literal += replacement[pos : match.start()].encode("ascii")
+        pos = match.end()
+        dollar, number, name = match.groups()
+        if dollar:
+            literal += b"$"
+            continue
+        if number is None and name is None:
+            raise ValueError("'$' that names no group (write '$$' for a literal '$')")
+        group: int | str
+        if name is not None and not name.isdigit():
+            if name not in pattern.groupindex:
+                raise ValueError(f"${{{name}}}: the pattern has no group of that name")
+            group = name
+        else:
+            group = int(number or name)
+            if group > pattern.groups:
+                raise ValueError(f"${group}: the pattern has {pattern.groups} group(s)")
+        if literal:
+            parts.append(bytes(literal))
+            literal = bytearray()
+        parts.append(group)
+    literal += replacement[pos:].encode("ascii")
+    if literal:
+        parts.append(bytes(literal))
+    return tuple(parts)
+
+
+def compile_rewrite(rewrite: RewriteConfig) -> tuple[re.Pattern[bytes], tuple[bytes | int | str, ...]]:
+    """The rewrite's compiled pattern and replacement; ValueError (with `.key`) when invalid."""
+    if not isinstance(rewrite.pattern, str) or not rewrite.pattern.isascii():
+        raise _KeyedError("pattern", "must be ASCII (write other characters percent-encoded)")
+    try:
+        pattern = re.compile(rewrite.pattern.encode("ascii"))
+    except re.error as exc:
+        raise _KeyedError(
+            "pattern", f"{rewrite.pattern!r} is not a valid regular expression: {exc}"
+        ) from None
+    if not isinstance(rewrite.replacement, str) or not rewrite.replacement.isascii():
+        raise _KeyedError("replacement", "must be ASCII (write other characters percent-encoded)")
+    try:
+        return pattern, rewrite_template(rewrite.replacement, pattern)
+    except ValueError as exc:
+        raise _KeyedError("replacement", f"{rewrite.replacement!r}: {exc}") from None
+
+
+class _KeyedError(ValueError):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _check_rewrite(where: str, route: RouteConfig, errors: _Errors) -> None:
+    assert route.rewrite is not None
+    try:
+        _, parts = compile_rewrite(route.rewrite)
+    except _KeyedError as exc:
+        errors.add(f"{where}.{exc.key}", str(exc))
+        return
+    at = f"{where}.replacement"
+    replacement = route.rewrite.replacement
+    # What the replacement's own text tells; what the groups bring is checked on each
+    # request (the path must still route to this same route).
+    shape = b"".join(part if isinstance(part, bytes) else b"x" for part in parts)
+    segments = [unquote_to_bytes(segment) for segment in shape.split(b"/")[1:]]
+    if b"?" in shape or b"#" in shape:
+        errors.add(at, f"{replacement!r}: a path has no '?' or '#' (the query string goes upstream as it is)")
+    elif b"//" in shape or any(segment in (b".", b"..") for segment in segments):
+        errors.add(at, f"{replacement!r} has an empty or dot segment: it could leave its route")
+    elif (
+        not route.strip_prefix
+        and isinstance(route.path, str)
+        and route.rewrite.pattern.startswith(("^", "\\A"))
+    ):
+        _check_stays(at, route.path, parts, errors)
+
+
+def _check_stays(where: str, prefix: str, parts: tuple[bytes | int | str, ...], errors: _Errors) -> None:
+    """On a route that keeps its prefix, refuse a replacement whose own text leaves the prefix.
+
+    The pattern is anchored at the path's start, so the path begins with the replacement; its
+    segments up to the last `/` before a group are fixed text.
+    """
+    literal = b""
+    for part in parts:
+        if not isinstance(part, bytes):
+            break
+        literal += part
+    if not literal.startswith(b"/"):
+        return  # starts with a group's text: only a request can tell
+    fixed = literal.split(b"/")[1:-1]
+    expected = [segment for segment in prefix.encode("utf-8").split(b"/") if segment]
+    if all(a == b for a, b in zip(fixed, expected, strict=False)):
+        return
+    errors.add(
+        where,
+        f"the path would always leave the route's prefix {prefix!r} (with strip_prefix: true,"
+        " the replacement rewrites the path below the prefix)",
+    )
 
 
 def _is_network(spec: object) -> bool:

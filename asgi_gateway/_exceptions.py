@@ -7,6 +7,7 @@ The gateway's exceptions, one tree:
   | + BadRequest ................. 400 bad_request
   | + Unauthorized ............... 401 unauthorized (a route's auth)
   | + Forbidden .................. 403 forbidden (a route's IP rules)
+  | + NotFound ................... 404 not_found (a standalone Gateway: no route matches)
   | + PayloadTooLarge ............ 413 payload_too_large
   | + RateLimited ................ 429 rate_limited (a route's rate limit)
   + UpstreamError ................ the upstream failed (5xx)
@@ -146,6 +147,16 @@ class RateLimited(ClientRequestError):
     ) -> None:
         super().__init__(detail, headers=headers)
         self.retry_after = retry_after
+
+
+class NotFound(ClientRequestError):
+    """404 `not_found`: no route matches, on a `Gateway` that wraps no app.
+
+    Not exported: nothing a user calls raises it.
+    """
+
+    status = 404
+    code = "not_found"
 
 
 class PayloadTooLarge(ClientRequestError):

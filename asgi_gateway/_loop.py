@@ -2,7 +2,7 @@
 
 On Python 3.11 every `asyncio.get_running_loop()` (and so every `asyncio.current_task()`,
 `asyncio.timeout()`, …) makes a `getpid()` system call, to notice a fork. A proxied request
-used to make five of them. The loop found once per thread is remembered here instead, and
+would otherwise make several of them. The loop found once per thread is remembered here, and
 `asyncio.current_task(loop)` with the loop given makes no system call.
 """
 
@@ -47,7 +47,7 @@ class CoarseTimer:
     __slots__ = ("_args", "_callback", "_slot", "fired")
 
     def __init__(
-        self, callback: Callable[..., object], args: tuple[Any, ...], slot: set[CoarseTimer]
+        self, callback: Callable[..., object], args: tuple[Any, ...], slot: set[CoarseTimer] | None
     ) -> None:
         self._callback = callback
         self._args = args
@@ -101,6 +101,17 @@ class CoarseTimers:
         timer = CoarseTimer(callback, args, slot)
         slot.add(timer)
         return timer
+
+    def add(self, timer: CoarseTimer, when: float) -> None:
+        """Arm `timer`, made with no slot, to run soon after loop time `when` (a subclass of
+        `CoarseTimer` overrides `_run`: the timer is then the only object made)."""
+        tick = int(when / self._resolution) + 1
+        slot = self._slots.get(tick)
+        if slot is None:
+            slot = self._slots[tick] = set()
+            self.loop.call_at(tick * self._resolution, self._fire, tick)
+        timer._slot = slot
+        slot.add(timer)
 
     def _fire(self, tick: int) -> None:
         slot = self._slots.pop(tick, None)

@@ -6,83 +6,30 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import anyio
 import anyio.abc
-import httpx
-import sniffio
 
 from ._config import GatewayConfig, load_config
 from ._edge.services import EdgeServices
-from ._exceptions import BadRequest, GatewayError
-from ._proxy import (
-    ClientDisconnected,
-    TrustedProxies,
-    make_request_id,
-    read_body,
-    relay,
-    sane_request_id,
-    send_error,
-    upstream_headers,
-)
-from ._routing import Router
+from ._exceptions import BadRequest, ClientDisconnected, GatewayError, NotFound
+from ._layers.transform import Hooks
+from ._prepare import body_length, prepare, read_body, request_id_from
+from ._proxy import TrustedProxies, relay, sane_request_id, send_error
+from ._routing import Route, Router
 from ._stack import UpstreamStack, build_route_handlers, build_stacks
 from ._telemetry import Telemetry
-from ._transports.httpx import HttpxTransport
-from ._types import Exchange, Request, RequestBody, Response, Transport
+from ._transports.auto import AutoTransport, UserTransport
 
 __all__ = ["Gateway", "GatewayMiddleware"]
 
 logger = logging.getLogger("asgi_gateway")
 
-# Request header blocks larger than this are not forwarded. uvicorn's httptools parser sets no
-# limit of its own; 64 KiB is also the largest response head the built-in client accepts.
-_MAX_HEADER_BYTES = 65536
-
 ASGIApp = Any
 Scope = dict[str, Any]
 ConfigSource = GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]
-UserTransport = httpx.AsyncClient | httpx.AsyncBaseTransport | Transport
-
-
-class _AutoTransport(Transport):
-    """Opens the real transport on first use, once the async library is known.
-
-    The built-in HTTP/1.1 pool runs on asyncio; under trio the httpx adapter takes over.
-    """
-
-    def __init__(self, user: UserTransport | None) -> None:
-        self._user = user
-        self._inner: Transport | None = None
-
-    def _open(self) -> Transport:
-        if isinstance(self._user, Transport):
-            self._inner = self._user
-        elif self._user is not None:
-            self._inner = HttpxTransport(self._user)
-        elif sniffio.current_async_library() == "asyncio":
-            from ._transports.pool import PoolTransport
-
-            self._inner = PoolTransport()
-        else:
-            logger.warning("the built-in HTTP/1.1 pool needs asyncio; using the httpx transport under trio")
-            self._inner = HttpxTransport()
-        return self._inner
-
-    def handle_request(self, request: Request) -> Coroutine[Any, Any, Response]:
-        # The inner transport's own coroutine, not one more awaiting it (see `Gateway.__call__`).
-        return (self._inner or self._open()).handle_request(request)
-
-    def open(self) -> None:
-        if self._inner is None:
-            self._open()
-
-    async def aclose(self) -> None:
-        inner, self._inner = self._inner, None
-        if inner is not None:
-            await inner.aclose()
 
 
 class Gateway:
@@ -104,6 +51,7 @@ class Gateway:
             test doubles. A client passed in stays yours to close.
         app: The ASGI app that gets the requests no route matches (as `GatewayMiddleware`
             passes it); None answers them 404.
+        hooks: Python hooks by route `path`: `{"/api/users": Hooks(on_request=...)}`.
 
     Raises:
         ConfigError: `config` is invalid.
@@ -120,6 +68,7 @@ class Gateway:
         meter_provider: Any = None,
         transport: UserTransport | None = None,
         app: ASGIApp | None = None,
+        hooks: Mapping[str, Hooks] | None = None,
     ) -> None:
         self.config = load_config(config)
         self.app = app
@@ -127,10 +76,13 @@ class Gateway:
         self._trusted = TrustedProxies(self.config.trusted_proxies)
         self._needs_host = any(route.host is not None for route in self.router.routes)
         self.telemetry = Telemetry(tracer_provider, meter_provider)
-        self._transport = _AutoTransport(transport)
+        self._transport = AutoTransport(transport)
         self.stacks: Mapping[str, UpstreamStack] = build_stacks(self.config, self._transport, self.telemetry)
         self.edge = EdgeServices(self.config.redis)
-        self.route_handlers = build_route_handlers(self.config, self.stacks, self.telemetry, self.edge)
+        #: Each route's handler of HTTP requests and of WebSocket handshakes, by route index.
+        self.route_handlers, self.websocket_handlers = build_route_handlers(
+            self.config, self.stacks, self.telemetry, self.edge, hooks
+        )
         self._status_path = self.config.status_path.encode() if self.config.status_path else None
         self._running = 0
 
@@ -220,6 +172,7 @@ class Gateway:
         if self._status_path is not None and raw_path == self._status_path and method in ("GET", "HEAD"):
             await self._send_status(send)
             return
+        # `_match`, written out: this runs for every request.
         host = _host_of(scope) if self._needs_host else None
         try:
             match = self.router.match(method, host, raw_path)
@@ -230,81 +183,38 @@ class Gateway:
             if self.app is not None:
                 await self.app(scope, receive, send)
             else:
-                await _not_found(send)
+                await send_error(send, NotFound("no route matches this request"), _request_id_of(scope))
             return
         route, path = match
-        stack = self.stacks[route.upstream]
-        upstream = stack.config
-
-        client = scope.get("client")
-        peer = client[0] if client else None
-        scheme = scope.get("scheme", "http")
-        trusted = bool(self._trusted) and peer in self._trusted
-        headers, incoming = upstream_headers(
-            scope["headers"], client_host=peer, scheme=scheme, trusted=trusted
-        )
-        request_id = (
-            incoming.request_id.decode("ascii")
-            if incoming.request_id is not None and sane_request_id(incoming.request_id)
-            else make_request_id()
-        )
-        headers.append((b"x-request-id", request_id.encode()))
-        client_ip = self._trusted.client_address(peer, incoming.forwarded_for) if trusted else peer
-        query: bytes = scope.get("query_string", b"")
-        target = path + b"?" + query if query else path
-
-        exchange = Exchange(
-            request_id=request_id,
-            route=route.path,
-            upstream=upstream,
-            client_ip=client_ip or "",
-            path=path.decode("latin-1"),
-            scheme=scheme,
-        )
+        upstream = self.stacks[route.upstream].config
+        request, incoming = prepare(scope, route, path, upstream, self._trusted)
+        exchange = request.exchange
         token = self.telemetry.start(scope, route, exchange)
         status = 500
         error: BaseException | None = None
         try:
             try:
-                if incoming.size > _MAX_HEADER_BYTES:
-                    raise BadRequest(f"the request headers are over {_MAX_HEADER_BYTES} bytes")
-                length = _content_length(incoming.content_length, incoming.transfer_encoding)
-                if length is None and incoming.transfer_encoding is None:
-                    body = RequestBody([], None)  # no body (most requests): nothing to read
-                else:
-                    body = await read_body(
-                        receive,
-                        length=length,
-                        chunked=incoming.transfer_encoding is not None,
-                        keep=upstream.retry.buffer_limit if upstream.retry.attempts > 1 else 0,
-                        limit=route.max_body_size,
-                    )
+                length = body_length(incoming)
+                if length is not None or incoming.transfer_encoding is not None:
+                    request.body = await read_body(receive, incoming, length, route, upstream)
             except GatewayError as exc:
                 error = exc
                 # With both framings (RFC 9112 6.3) the bytes after this request cannot be
                 # trusted to be a request of their own: close the connection after the answer.
                 ambiguous = incoming.content_length is not None and incoming.transfer_encoding is not None
-                status = await send_error(send, exc, request_id, close=ambiguous)
+                status = await send_error(send, exc, exchange.request_id, close=ambiguous)
                 return
-            request = Request(
-                method=method,
-                target=target,
-                headers=headers,
-                body=body,
-                exchange=exchange,
-                host=incoming.host if route.preserve_host else None,
-            )
             status, error = await relay(
-                self.route_handlers[route.index], request, receive, send, body.replayable
+                self.route_handlers[route.index], request, receive, send, request.body.replayable
             )
         except ClientDisconnected as exc:
             status, error = 499, exc
         except Exception as exc:
             # A bug of ours must still give the client a short JSON answer, not a traceback.
-            logger.exception("unexpected error while proxying", extra={"request_id": request_id})
+            logger.exception("unexpected error while proxying", extra={"request_id": exchange.request_id})
             error = exc
             if not exchange.committed:
-                status = await send_error(send, GatewayError("internal error"), request_id)
+                status = await send_error(send, GatewayError("internal error"), exchange.request_id)
         finally:
             self.telemetry.finish(token, exchange, status, error)
 
@@ -319,12 +229,15 @@ class Gateway:
                 raw_path = raw_path[len(root) :] or b"/"
         return raw_path
 
+    def _match(self, scope: Scope, method: str, raw_path: bytes) -> tuple[Route, bytes] | None:
+        """The route `scope` matches and the path to send upstream; raises `BadRequest` (ambiguous)."""
+        host = _host_of(scope) if self._needs_host else None
+        return self.router.match(method, host, raw_path)
+
     async def handle_websocket(self, scope: Scope, receive: Any, send: Any) -> None:
         """Relay a WebSocket session whose handshake matches a route."""
-        raw_path = self._mount_relative(scope)
-        host = _host_of(scope) if self._needs_host else None
         try:
-            match = self.router.match("GET", host, raw_path)
+            match = self._match(scope, "GET", self._mount_relative(scope))
         except BadRequest:
             await send({"type": "websocket.close", "code": 1008, "reason": "ambiguous path"})
             return
@@ -335,11 +248,6 @@ class Gateway:
                 await send({"type": "websocket.close", "code": 1000})
             return
         route, path = match
-        if self.route_handlers[route.index] is not self.stacks[route.upstream].handler:
-            # The edge layers (IP rules, auth, rate limit) do not run on the WebSocket path yet:
-            # refused (a 403 to the handshake) rather than let through unchecked.
-            await send({"type": "websocket.close", "code": 1008, "reason": "not available on this route"})
-            return
         from ._websocket import proxy_websocket
 
         await proxy_websocket(
@@ -348,7 +256,8 @@ class Gateway:
             send,
             route=route,
             path=path,
-            stack=self.stacks[route.upstream],
+            upstream=self.stacks[route.upstream].config,
+            handler=self.websocket_handlers[route.index],
             telemetry=self.telemetry,
             trusted=self._trusted,
         )
@@ -374,28 +283,8 @@ def _request_id_of(scope: Scope) -> str:
     """The client's X-Request-Id when it is sane, else a new one (off the proxied path)."""
     for name, value in scope["headers"]:
         if name == b"x-request-id" and sane_request_id(value):
-            request_id: str = value.decode("ascii")
-            return request_id
-    return make_request_id()
-
-
-def _content_length(value: bytes | None, transfer_encoding: bytes | None = None) -> int | None:
-    if value is None:
-        return None
-    if transfer_encoding is not None:
-        # Parsers disagree on which one wins (httptools refuses, h11 takes Transfer-Encoding):
-        # the way requests are smuggled past a proxy. Refused rather than guessed.
-        raise BadRequest("the request has both Content-Length and Transfer-Encoding")
-    if not value.isdigit():
-        raise BadRequest("invalid Content-Length")
-    return int(value)
-
-
-async def _not_found(send: Any) -> None:
-    body = b'{"error":"not_found","detail":"no route matches this request"}'
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 404, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+            return request_id_from(value)
+    return request_id_from(None)
 
 
 class GatewayMiddleware:
@@ -412,6 +301,7 @@ class GatewayMiddleware:
         tracer_provider: As for `Gateway`.
         meter_provider: As for `Gateway`.
         transport: As for `Gateway`.
+        hooks: As for `Gateway`.
 
     Raises:
         ConfigError: `config` is invalid.
@@ -428,6 +318,7 @@ class GatewayMiddleware:
         tracer_provider: Any = None,
         meter_provider: Any = None,
         transport: UserTransport | None = None,
+        hooks: Mapping[str, Hooks] | None = None,
     ) -> None:
         self.app = app
         self.gateway = Gateway(
@@ -436,6 +327,7 @@ class GatewayMiddleware:
             meter_provider=meter_provider,
             transport=transport,
             app=app,
+            hooks=hooks,
         )
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:

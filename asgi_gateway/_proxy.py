@@ -7,14 +7,14 @@ import ipaddress
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any, Final
 
 import anyio
 
-from ._exceptions import ClientDisconnected, GatewayError, PayloadTooLarge, UpstreamError, error_response
+from ._exceptions import ClientDisconnected, GatewayError, UpstreamError, error_response
 from ._loop import CoarseTimer, coarse_timers, running_task
-from ._types import BufferedStream, Handler, Headers, Request, RequestBody
+from ._types import BufferedStream, Handler, Headers, Request
 
 __all__ = ["ClientDisconnected", "TrustedProxies", "relay"]
 
@@ -216,61 +216,6 @@ def downstream_headers(headers: Headers, request_id: bytes) -> Headers:
     return out
 
 
-async def read_body(
-    receive: ASGIReceive,
-    *,
-    length: int | None,
-    chunked: bool,
-    keep: int,
-    limit: int | None,
-) -> RequestBody:
-    """Read the request body: up to `keep` bytes are buffered for replay, the rest streams."""
-    if length is None and not chunked:
-        return RequestBody([], None)
-    if length is not None and limit is not None and length > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit}")
-    if length == 0:
-        return RequestBody([], 0)
-    chunks: list[bytes] = []
-    size = 0
-    more = True
-    # With nothing to keep for replay, the first message is still read: a small body comes
-    # whole in it, and is then sent in one write like any buffered body.
-    if length is None or length <= keep or keep == 0:
-        while more and size <= keep:
-            chunk, more = await _receive_chunk(receive)
-            if chunk:
-                size = _counted(size, chunk, limit)
-                chunks.append(chunk)
-        if not more:
-            return RequestBody(chunks, size)
-    return RequestBody(chunks, length, _stream_rest(receive, size, limit))
-
-
-async def _stream_rest(receive: ASGIReceive, size: int, limit: int | None) -> AsyncIterator[bytes]:
-    more = True
-    while more:
-        chunk, more = await _receive_chunk(receive)
-        if chunk:
-            size = _counted(size, chunk, limit)
-            yield chunk
-
-
-async def _receive_chunk(receive: ASGIReceive) -> tuple[bytes, bool]:
-    """The next piece of the request body, and whether more follows."""
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise ClientDisconnected()
-    return message.get("body", b""), message.get("more_body", False)
-
-
-def _counted(size: int, chunk: bytes, limit: int | None) -> int:
-    size += len(chunk)
-    if limit is not None and size > limit:
-        raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-    return size
-
-
 async def send_error(send: ASGISend, exc: GatewayError, request_id: str, *, close: bool = False) -> int:
     status, headers, body = error_response(exc, request_id)
     if close:
@@ -293,47 +238,66 @@ def relay(
     Returns the status the client saw and the error that cut the exchange short,
     if any. An upstream that fails after the response started leaves the client's
     response incomplete, so the server closes the connection: a truncated body is
-    never passed off as complete. (A plain function handing back the coroutine that
-    does the work: one coroutine fewer to resume on every wake-up.)
+    never passed off as complete. `body_done` tells that the request body has been
+    read already; else the client's disconnect is watched for once it has.
+
+    A plain function handing back the coroutine that does the work: on asyncio that is
+    the one coroutine between the server and the upstream socket, resumed at each
+    wake-up of the exchange.
     """
-    # With the request body read, the only message left to receive is the disconnect;
-    # waiting for it lets a client that leaves cancel the upstream request at any point.
-    # (Servers do not tell from send(): uvicorn's returns quietly once the client is gone.)
-    # A body still streaming up is the transport's to receive until it ends.
     task = running_task()
-    if task is None:
-        return _relay_watching_anyio(handler, request, receive, send, body_done)
-    request.exchange.task = task
     watch = _Watch(receive, task)
     if body_done:
         watch.arm()
     else:
         request.body.on_end(watch.arm)
+    if task is None:
+        return watch.around(handler, request, send)
+    request.exchange.task = task
     return _relay(handler, request, send, watch)
 
 
 class _Watch:
-    """A lazily started wait for the client's disconnect, on asyncio."""
+    """Waits for the client's disconnect and then cancels the exchange.
 
-    __slots__ = ("closing", "disconnected", "receive", "stopped", "task", "timer", "waiter")
+    With the request body read, the only message left to receive is the disconnect;
+    waiting for it lets a client that leaves cancel the upstream request at any point.
+    (Servers do not tell from send(): uvicorn's returns quietly once the client is gone.)
+    A body still streaming up is the transport's to receive until it ends: `arm()` says
+    that receive() is the watch's from now on.
 
-    def __init__(self, receive: ASGIReceive, task: asyncio.Task[Any]) -> None:
+    On asyncio (`task` given) the watch is a receive() future started only `_WATCH_DELAY`
+    after arming, which cancels the task: most exchanges are over before, and never pay
+    for it. Elsewhere it is a task beside the relay (`around`) that cancels their scope.
+    """
+
+    __slots__ = ("_armed", "closing", "disconnected", "receive", "stopped", "task", "timer", "waiter")
+
+    def __init__(self, receive: ASGIReceive, task: asyncio.Task[Any] | None) -> None:
         self.receive = receive
         self.task = task
         self.waiter: asyncio.Future[Any] | None = None
         self.timer: CoarseTimer | None = None
+        self._armed = anyio.Event() if task is None else None
         self.disconnected = False
         #: Set while the response is being closed: that must not be interrupted.
         self.closing = False
         self.stopped = False
 
     def arm(self) -> None:
-        """Start watching soon: receive() is ours from now on."""
-        if not self.stopped:
-            loop = self.task.get_loop()
-            self.timer = coarse_timers(loop).call_at(loop.time() + _WATCH_DELAY, self.start)
+        """Start watching (soon, on asyncio): receive() is ours from now on."""
+        if self.stopped:
+            return
+        task = self.task
+        if task is None:
+            assert self._armed is not None
+            self._armed.set()
+        else:
+            loop = task.get_loop()
+            self.timer = coarse_timers(loop).call_at(loop.time() + _WATCH_DELAY, self._start)
 
-    def start(self) -> None:
+    def _start(self) -> None:
+        assert self.task is not None
         self.waiter = asyncio.ensure_future(self.receive(), loop=self.task.get_loop())
         self.waiter.add_done_callback(self._received)
 
@@ -342,10 +306,15 @@ class _Watch:
             return
         if waiter.result()["type"] != "http.disconnect":
             # The request's own (empty) body message; the disconnect comes next.
-            self.start()
+            self._start()
         elif not self.closing:
             self.disconnected = True
+            assert self.task is not None
             self.task.cancel()
+
+    def cancelled_the_task(self) -> bool:
+        """On a CancelledError: whether it is this watch's, which is then taken back."""
+        return self.disconnected and self.task is not None and self.task.uncancel() == 0
 
     def stop(self) -> None:
         self.stopped = True
@@ -356,46 +325,40 @@ class _Watch:
             waiter.remove_done_callback(self._received)
             waiter.cancel()
 
+    async def around(
+        self, handler: Handler, request: Request, send: ASGISend
+    ) -> tuple[int, BaseException | None]:
+        """The relay, with this watch beside it in a task of its own (off asyncio)."""
+        outcome: tuple[int, BaseException | None] = (499, None)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._wait, tg.cancel_scope)
+            outcome = await _relay(handler, request, send, self)
+            tg.cancel_scope.cancel()
+        if self.disconnected and outcome[0] == 499:
+            return 499, ClientDisconnected()
+        # Servers report a disconnect once the response is complete (uvicorn does at
+        # once): only one that cut the exchange short counts.
+        return outcome
+
+    async def _wait(self, scope: anyio.CancelScope) -> None:
+        assert self._armed is not None
+        await self._armed.wait()
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                if not self.closing:
+                    self.disconnected = True
+                    scope.cancel()
+                return
+
 
 # Most exchanges end sooner than this, even under load: they never pay for a task watching
 # the client. A client that left earlier is noticed this late at worst.
 _WATCH_DELAY: Final = 0.05
 
 
-async def _relay_watching_anyio(
-    handler: Handler, request: Request, receive: ASGIReceive, send: ASGISend, body_done: bool
-) -> tuple[int, BaseException | None]:
-    disconnected = False
-    outcome: tuple[int, BaseException | None] = (499, None)
-    body_read = anyio.Event()
-    if body_done:
-        body_read.set()
-    else:
-        request.body.on_end(body_read.set)
-
-    async def watch(scope: anyio.CancelScope) -> None:
-        nonlocal disconnected
-        await body_read.wait()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected = True
-                scope.cancel()
-                return
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch, tg.cancel_scope)
-        outcome = await _relay(handler, request, send, None)
-        tg.cancel_scope.cancel()
-    if disconnected and outcome[0] == 499:
-        return 499, ClientDisconnected()
-    # Servers report a disconnect once the response is complete (uvicorn does at
-    # once): only one that cut the exchange short counts.
-    return outcome
-
-
 async def _relay(
-    handler: Handler, request: Request, send: ASGISend, watch: _Watch | None
+    handler: Handler, request: Request, send: ASGISend, watch: _Watch
 ) -> tuple[int, BaseException | None]:
     # One coroutine from the request to the last body byte: every coroutine between the
     # server and the socket is resumed at each wake-up of the exchange.
@@ -450,8 +413,7 @@ async def _relay(
             error = exc
             raise
         finally:
-            if watch is not None:
-                watch.closing = True
+            watch.closing = True
             if error is None or isinstance(error, Exception):
                 await response.aclose(error)
             else:
@@ -460,9 +422,8 @@ async def _relay(
                     await response.aclose(error)
         return response.status, error
     except asyncio.CancelledError:
-        if watch is not None and watch.disconnected and watch.task.uncancel() == 0:
+        if watch.cancelled_the_task():
             return 499, ClientDisconnected()
         raise
     finally:
-        if watch is not None:
-            watch.stop()
+        watch.stop()

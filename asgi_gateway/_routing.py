@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import unquote_to_bytes
 
-from ._config import GatewayConfig, RouteConfig, _Inherit
+from ._config import GatewayConfig, RouteConfig, _Inherit, compile_rewrite
 from ._exceptions import BadRequest
 
 __all__ = ["Route", "Router", "resolve_dot_segments"]
@@ -27,6 +29,8 @@ class Route:
     max_message_size: int | None
     #: The prefix as a tuple of segments: "/api/users" -> ("api", "users").
     segments: tuple[bytes, ...]
+    #: `rewrite`: the compiled pattern, and the replacement as a template of `re`'s own.
+    rewrite: tuple[re.Pattern[bytes], bytes] | None = None
 
     def accepts(self, method: str, host: str | None) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -77,6 +81,23 @@ class Router:
         self._max_depth = max((len(key) for key in table), default=0)
         #: The same table keyed by the prefix as it appears in a plain path: b"", b"/api/users".
         self._prefixes = {b"".join(b"/" + part for part in key): value for key, value in self._table.items()}
+        if any(route.rewrite is not None for route in routes):
+            # Only a config with rewrites pays for looking at them.
+            self.match = self._match_rewriting  # type: ignore[method-assign]
+        #: Routes whose rewritten path, when plain, cannot choose another route: the path keeps
+        #: their prefix (stripped, it is put back; or the prefix is `/`) and no route's prefix
+        #: lies below theirs (the prefixes above match the path before and after alike).
+        self._alone = frozenset(
+            route.index
+            for route in routes
+            if route.rewrite is not None
+            and (route.strip_prefix or not route.segments)
+            and not any(
+                len(other.segments) > len(route.segments)
+                and other.segments[: len(route.segments)] == route.segments
+                for other in routes
+            )
+        )
 
     def _lookup(self, segments: Sequence[bytes], method: str, host: str | None) -> Route | None:
         best: Route | None = None
@@ -110,6 +131,30 @@ class Router:
             # looked up as they are, with no splitting.
             return self._match_plain(method, host, raw_path)
         return self._match_general(method, host, raw_path)
+
+    def _match_rewriting(self, method: str, host: str | None, raw_path: bytes) -> tuple[Route, bytes] | None:
+        """`match`, then the route's `rewrite` on the path it sends upstream."""
+        found = Router.match(self, method, host, raw_path)
+        if found is None or found[0].rewrite is None:
+            return found
+        route, path = found
+        pattern, template = found[0].rewrite
+        rewritten, hits = pattern.subn(template, path, 1)
+        if not hits:
+            return found
+        if route.index in self._alone and rewritten[:1] == b"/" and _NOT_PLAIN(rewritten) is None:
+            return route, rewritten
+        # The result goes through the same rules as a client's path (dot segments, empty
+        # segments, encodings read differently), as the path the client would have had to
+        # send for it: it must route to this same route, or the upstream would see a path
+        # of another route's (or of none).
+        as_sent = (
+            b"".join(b"/" + part for part in route.segments) + rewritten if route.strip_prefix else rewritten
+        )
+        again = Router.match(self, method, host, as_sent)
+        if again is None or again[0] is not route:
+            raise BadRequest("the rewritten path would leave its route")
+        return again
 
     def _match_general(self, method: str, host: str | None, raw_path: bytes) -> tuple[Route, bytes] | None:
         """`match` for any path: dot segments resolved, segments decoded, readings compared."""
@@ -183,6 +228,22 @@ class Router:
         return best, path
 
 
+#: Finds what makes a path other than plain: a dot or empty segment, an encoding, a backslash, a ";".
+_NOT_PLAIN: Final = re.compile(rb"/\.|//|[%\\;]").search
+
+
+def _rewrite(spec: RouteConfig) -> tuple[re.Pattern[bytes], bytes] | None:
+    if spec.rewrite is None:
+        return None
+    pattern, parts = compile_rewrite(spec.rewrite)
+    # `re` expands its own templates in one call: backslashes escaped, groups as \g<...>.
+    template = b"".join(
+        part.replace(b"\\", b"\\\\") if isinstance(part, bytes) else b"\\g<%s>" % str(part).encode()
+        for part in parts
+    )
+    return pattern, template
+
+
 def _merge_slashes(path: bytes) -> bytes:
     while b"//" in path:
         path = path.replace(b"//", b"/")
@@ -221,4 +282,5 @@ def _compile(index: int, spec: RouteConfig, config: GatewayConfig) -> Route:
         preserve_host=preserve_host,
         max_message_size=max_message_size,
         segments=_segments(spec.path.encode("utf-8")),
+        rewrite=_rewrite(spec),
     )

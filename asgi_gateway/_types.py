@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -28,6 +28,7 @@ __all__ = [
     "ResponseStream",
     "Server",
     "Transport",
+    "WebSocketUpgrade",
     "may_resend",
 ]
 
@@ -231,7 +232,8 @@ class Request:
     gateway's own added; they hold no Host and no framing headers: the transport sends
     `host` when set (preserve_host) or the server's own, and frames `body` itself.
     The failover layer sets `server` for each attempt; `connect_timeout` and
-    `read_timeout` are the upstream's `timeouts` for this try.
+    `read_timeout` are the upstream's `timeouts` for this try. `upgrade` is set on a
+    WebSocket handshake: what its transport needs besides.
     """
 
     method: str
@@ -243,6 +245,15 @@ class Request:
     server: Server | None = None
     connect_timeout: float | None = None
     read_timeout: float | None = None
+    upgrade: WebSocketUpgrade | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketUpgrade:
+    """A WebSocket handshake's own parameters: the client's subprotocols, the message limit."""
+
+    subprotocols: tuple[str, ...] = ()
+    max_size: int | None = None
 
 
 #: Methods that may reach a server twice without changing the outcome (RFC 9110, 9.2.2).
@@ -309,10 +320,13 @@ class Handler(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def handle_request(self, request: Request) -> Response:
+    def handle_request(self, request: Request) -> Awaitable[Response]:
         """Send `request` and return the response head, with its body still to read.
 
-        Raises an `UpstreamError` subclass on failure.
+        Raises an `UpstreamError` subclass on failure. An `async def` implements it, and so
+        does a plain function that returns the awaitable of the handler below (a layer with
+        nothing to do after the inner handler answers keeps no coroutine of its own between
+        the relay and the socket). Such a function may raise before returning: a refusal.
         """
 
     async def aclose(self) -> None:  # noqa: B027 - most layers hold nothing

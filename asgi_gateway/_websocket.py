@@ -1,14 +1,18 @@
 """WebSocket sessions, relayed to an upstream server chosen by the same layers as requests.
 
-The handshake is a GET through the upstream's retry policy and failover layer: the
-balancer picks the server (`consistent_hash` keeps a user's sockets on one), and connect
-failures, resets, timeouts and 502/503/504 refusals go to another server within
-`retry.attempts` and `timeouts.total`, counted by outlier detection. The client's
-handshake completes only once an upstream has accepted, with the subprotocol that
-upstream chose. When nothing accepts, the client is refused: with the gateway's JSON
-error (502/503/504) or the upstream's own refusal (401, 403, ...) where the server in
-front supports the "websocket.http.response" extension, else with a close (1014 for
-gateway errors), which servers send as a 403.
+The handshake is a GET request through the route's handler of handshakes, composed in
+`_stack`: the route's edge layers (IP rules, auth, rate limit), then the upstream's retry
+policy and failover layer over the WebSocket transport. The balancer picks the server
+(`consistent_hash` keeps a user's sockets on one), and connect failures, resets, timeouts
+and 502/503/504 refusals go to another server within `retry.attempts` and
+`timeouts.total`, counted by outlier detection. The client's handshake completes only
+once an upstream has accepted, with the subprotocol that upstream chose. When nothing
+accepts, the client is refused: with the gateway's JSON error (403, 401, 429 from the
+edge layers; 502/503/504) or the upstream's own refusal (401, 403, ...) where the server
+in front supports the "websocket.http.response" extension, else with a close (1008 for a
+refusal of the client's request, 1014 for gateway errors), which servers send as a 403.
+
+This module keeps the session's own part: the message pump and the answers to the client.
 
 Then messages flow both ways, one at a time per direction: neither side is read before
 the other has taken the previous message, so memory is bounded by one message plus the
@@ -22,59 +26,34 @@ The upstream side is the `websockets` library's asyncio client, the optional
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
-import functools
 import logging
-import socket
-import ssl
-from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import quote_from_bytes
 
 import anyio
 import sniffio
 
-from ._exceptions import (
-    BadRequest,
-    ConnectError,
-    ConnectionReset,
-    ConnectTimeout,
-    GatewayError,
-    InvalidResponse,
-    ReadTimeout,
-    UpstreamError,
-    error_response,
-)
-from ._layers.failover import FailoverLayer
-from ._layers.retry import RetryLayer
-from ._layers.telemetry import TelemetryLayer
-from ._proxy import TrustedProxies, downstream_headers, make_request_id, sane_request_id, upstream_headers
+from ._config import UpstreamConfig
+from ._exceptions import ConnectionReset, GatewayError, ReadTimeout, UpstreamError, error_response
+from ._prepare import prepare
+from ._proxy import TrustedProxies, downstream_headers, make_request_id
 from ._routing import Route
-from ._stack import UpstreamStack
 from ._telemetry import WEBSOCKET, ClosedBy, SessionPending, Telemetry
-from ._types import Exchange, Handler, Request, RequestBody, Response, Server
+from ._transports.websocket import CLOSE_TIMEOUT, UpgradedStream
+from ._types import Exchange, Handler, Request, Response, WebSocketUpgrade
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
     from websockets.exceptions import ConnectionClosed
 
-__all__ = ["proxy_websocket", "unavailable_reason", "warn_if_unavailable"]
+__all__ = ["CLOSE_TIMEOUT", "proxy_websocket", "unavailable_reason", "warn_if_unavailable"]
 
 logger = logging.getLogger("asgi_gateway")
 
 EXTRA: Final = "pip install 'asgi-gateway[websockets]'"
 
-#: Seconds a closing handshake with the upstream may take before its connection is cut.
-CLOSE_TIMEOUT: Final = 5.0
-#: Frames from the upstream buffered before the gateway stops reading its socket: with the
-#: message in hand and the socket buffers, this bounds what a session holds per direction.
-MAX_QUEUE: Final = 4
 #: Close codes that may go on the wire (RFC 6455 7.4; 1004-1006 and 1015 never do).
 _SENDABLE_CODES: Final = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
-# The WebSocket library writes its own handshake headers; the client's would contradict them.
-_OWN_PREFIX: Final = b"sec-websocket-"
 # Of the upstream's 101 answer, these belong to the upstream connection or are the client-side
 # server's to write; the rest (Set-Cookie, ...) reaches the client with the accept.
 _NOT_RELAYED_DOWN: Final = frozenset(
@@ -134,11 +113,16 @@ async def proxy_websocket(
     *,
     route: Route,
     path: bytes,
-    stack: UpstreamStack,
+    upstream: UpstreamConfig,
+    handler: Handler,
     telemetry: Telemetry,
     trusted: TrustedProxies,
 ) -> None:
-    """Relay one WebSocket session between the client and a server of `stack`'s upstream."""
+    """Relay one WebSocket session between the client and a server of `upstream`.
+
+    `handler` is the route's handler of WebSocket handshakes (`build_route_handlers`):
+    its edge layers, then the upstream's retry and failover over the WebSocket transport.
+    """
     reason = unavailable_reason()
     if reason is not None:
         logger.error(
@@ -152,11 +136,12 @@ async def proxy_websocket(
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    request = _handshake_request(scope, route, path, stack, trusted)
+    request, _ = prepare(scope, route, path, upstream, trusted, websocket=True)
+    request.upgrade = WebSocketUpgrade(tuple(scope.get("subprotocols") or ()), route.max_message_size)
     exchange = request.exchange
     session = _Session(telemetry, scope, route, exchange)
     try:
-        await session.run(scope, receive, send, request, stack)
+        await session.run(scope, receive, send, request, handler)
     except Exception as exc:
         # A bug of ours must still end the client's handshake or session, never hang it.
         logger.exception("unexpected error while relaying a WebSocket session", extra=_log_extra(exchange))
@@ -167,44 +152,6 @@ async def proxy_websocket(
                 await _refuse_with_error(scope, send, GatewayError("internal error"), exchange.request_id)
     finally:
         session.finish()
-
-
-def _handshake_request(
-    scope: dict[str, Any], route: Route, path: bytes, stack: UpstreamStack, trusted: TrustedProxies
-) -> Request:
-    client = scope.get("client")
-    peer = client[0] if client else None
-    # X-Forwarded-Proto names the HTTP scheme the upgrade came over, as NGINX's $scheme does.
-    scheme = "https" if scope.get("scheme") == "wss" else "http"
-    is_trusted = bool(trusted) and peer in trusted
-    headers, incoming = upstream_headers(
-        scope["headers"], client_host=peer, scheme=scheme, trusted=is_trusted
-    )
-    headers = [header for header in headers if not header[0].startswith(_OWN_PREFIX)]
-    request_id = (
-        incoming.request_id.decode("ascii")
-        if incoming.request_id is not None and sane_request_id(incoming.request_id)
-        else make_request_id()
-    )
-    headers.append((b"x-request-id", request_id.encode()))
-    client_ip = trusted.client_address(peer, incoming.forwarded_for) if is_trusted else peer
-    query: bytes = scope.get("query_string", b"")
-    exchange = Exchange(
-        request_id=request_id,
-        route=route.path,
-        upstream=stack.config,
-        client_ip=client_ip or "",
-        path=path.decode("latin-1"),
-        scheme=scheme,
-    )
-    return Request(
-        method="GET",
-        target=path + b"?" + query if query else path,
-        headers=headers,
-        body=RequestBody([], None),
-        exchange=exchange,
-        host=incoming.host if route.preserve_host else None,
-    )
 
 
 class _Session:
@@ -227,12 +174,11 @@ class _Session:
     # -- handshake ---------------------------------------------------------------------
 
     async def run(
-        self, scope: dict[str, Any], receive: Any, send: Any, request: Request, stack: UpstreamStack
+        self, scope: dict[str, Any], receive: Any, send: Any, request: Request, handler: Handler
     ) -> None:
         exchange = self.exchange
-        connector = _Connector(scope.get("subprotocols") or (), self.route.max_message_size)
         try:
-            response = await _handshake(stack, self.telemetry, request, connector)
+            response = await handler.handle_request(request)
         except GatewayError as exc:
             if isinstance(exc, UpstreamError):
                 logger.info(
@@ -245,7 +191,7 @@ class _Session:
             return
         self.status = response.status
         upgraded = response.stream
-        if not isinstance(upgraded, _Upgraded):
+        if not isinstance(upgraded, UpgradedStream):
             # The upstream refused the upgrade and no other server was to be tried: its answer goes to the client.
             error: BaseException | None = None
             try:
@@ -486,260 +432,6 @@ def _over(data: str | bytes, limit: int) -> bool:
     return False
 
 
-# -- the handshake's layers ---------------------------------------------------------------
-
-
-async def _handshake(
-    stack: UpstreamStack, telemetry: Telemetry, request: Request, connector: _Connector
-) -> Response:
-    """The upstream's retry and failover layers, with the WebSocket client in place of the HTTP transport.
-
-    Composed per handshake around the upstream's shared failover layer (servers, health,
-    balancer) and retry budget; sessions do not count against `max_concurrent_requests`.
-    """
-    attempt = _ViaFailover(stack.failover, _EndAttempt(connector, TelemetryLayer(connector, telemetry)))
-    handler = stack.handler
-    budget = handler.budget if isinstance(handler, RetryLayer) else None
-    retry = RetryLayer(stack.config, attempt, telemetry.events, budget=budget)
-    return await retry.handle_request(request)
-
-
-class _ViaFailover(Handler):
-    """The upstream's own failover layer, sending each attempt through `inner`."""
-
-    def __init__(self, failover: FailoverLayer, inner: Handler) -> None:
-        self._failover = failover
-        self._inner = inner
-
-    async def handle_request(self, request: Request) -> Response:
-        return await self._failover.handle_with(request, self._inner)
-
-
-class _EndAttempt(Handler):
-    """Ends the attempt's CLIENT span with the handshake; the session keeps the connection.
-
-    The failover layer above still holds the server in flight until the session's
-    response is closed, so `least_connections` counts open sessions.
-    """
-
-    def __init__(self, connector: _Connector, inner: Handler) -> None:
-        self._connector = connector
-        self._inner = inner
-
-    async def handle_request(self, request: Request) -> Response:
-        response = await self._inner.handle_request(request)
-        connection, self._connector.connection = self._connector.connection, None
-        if connection is None:
-            return response
-        await response.aclose()
-        return Response(
-            response.status,
-            response.headers,
-            _Upgraded(connection),
-            server=response.server,
-            peer_address=response.peer_address,
-        )
-
-
-class _Connector(Handler):
-    """Opens the WebSocket connection to `request.server`: the handshake's transport."""
-
-    def __init__(self, subprotocols: Sequence[str], max_size: int | None) -> None:
-        self.subprotocols = list(subprotocols)
-        self.max_size = max_size
-        #: The connection the last attempt opened, until `_EndAttempt` takes it.
-        self.connection: ClientConnection | None = None
-
-    async def handle_request(self, request: Request) -> Response:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import InvalidHandshake, InvalidMessage, InvalidStatus, InvalidURI
-        from websockets.typing import Subprotocol
-        from websockets.uri import parse_uri
-
-        server = request.server
-        assert server is not None, "the failover layer sets request.server"
-        secure = server.scheme == "https"
-        # The socket goes to the server chosen; the URI only names the Host (the upstream's
-        # or, with preserve_host, the client's) and the target, sent as it came.
-        target = _ascii(request.target)
-        uri = (
-            f"{'wss' if secure else 'ws'}://{(request.host or server.host_header).decode('latin-1')}{target}"
-        )
-        try:
-            parsed = parse_uri(uri)
-        except (InvalidURI, ValueError) as exc:
-            raise BadRequest(f"cannot forward this WebSocket handshake: {exc}") from exc
-        path, _, query = target.partition("?")
-        tls: dict[str, Any] = {"ssl": _tls_context(), "server_hostname": server.host} if secure else {}
-        sock = await _open_socket(server, request.connect_timeout)
-        peer = _peer_address(sock)
-        try:
-            client = connect(
-                uri,
-                sock=sock,
-                additional_headers=[
-                    (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
-                ],
-                user_agent_header=None,
-                compression=None,
-                subprotocols=[Subprotocol(name) for name in self.subprotocols] or None,
-                open_timeout=request.read_timeout,
-                close_timeout=CLOSE_TIMEOUT,
-                max_size=self.max_size,
-                max_queue=MAX_QUEUE,
-                **tls,
-            )
-        except BaseException:
-            # Not handed over yet: once `client` runs, its transport owns (and closes) the socket.
-            sock.close()
-            raise
-        # The URI parser drops the ";params" of the last path segment; websockets >= 17 reads
-        # this attribute, so the target goes out exactly (older versions ignore it).
-        client.ws_uri = dataclasses.replace(parsed, path=path, query=query)
-        try:
-            connection = await client
-        except InvalidStatus as exc:
-            return _refusal(exc, server, peer)
-        except ssl.SSLError as exc:
-            # Before ValueError: a certificate that fails verification is both.
-            raise ConnectError(f"TLS handshake with {server.url} failed: {exc}") from exc
-        except ValueError as exc:
-            # With the socket given, a redirect is not followed: it raises, carrying the 3xx.
-            if isinstance(exc.__cause__, InvalidStatus):
-                return _refusal(exc.__cause__, server, peer)
-            raise InvalidResponse(f"WebSocket handshake with {server.url} failed: {exc}") from exc
-        except TimeoutError as exc:
-            raise ReadTimeout(f"{server.url} did not answer the WebSocket handshake in time") from exc
-        except InvalidMessage as exc:
-            if isinstance(exc.__cause__, EOFError | OSError):
-                raise ConnectionReset(
-                    f"{server.url} closed the connection during the WebSocket handshake"
-                ) from exc
-            raise InvalidResponse(f"invalid WebSocket handshake answer from {server.url}: {exc}") from exc
-        except InvalidHandshake as exc:
-            raise InvalidResponse(f"invalid WebSocket handshake answer from {server.url}: {exc}") from exc
-        except OSError as exc:
-            raise ConnectionReset(
-                f"connection to {server.url} broke during the WebSocket handshake: {exc}"
-            ) from exc
-        assert connection.response is not None
-        self.connection = connection
-        headers = [
-            (name.lower().encode("latin-1"), value.encode("latin-1"))
-            for name, value in connection.response.headers.raw_items()
-        ]
-        return Response(101, headers, _NoBody(), server=server, peer_address=peer)
-
-
-def _refusal(exc: Any, server: Server, peer: str | None) -> Response:
-    answer = exc.response
-    headers = [
-        (name.lower().encode("latin-1"), value.encode("latin-1"))
-        for name, value in answer.headers.raw_items()
-    ]
-    return Response(answer.status_code, headers, _Body(bytes(answer.body)), server=server, peer_address=peer)
-
-
-async def _open_socket(server: Server, connect_timeout: float | None) -> socket.socket:
-    """A TCP connection to `server` within `connect_timeout`: a failure here never reached the upstream."""
-    loop = asyncio.get_running_loop()
-    try:
-        with anyio.fail_after(connect_timeout):
-            infos = await loop.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
-            error: OSError | None = None
-            for family, kind, proto, _, address in infos:
-                sock = socket.socket(family, kind, proto)
-                try:
-                    sock.setblocking(False)
-                    await loop.sock_connect(sock, address)
-                except OSError as exc:
-                    sock.close()
-                    error = exc
-                    continue
-                except BaseException:
-                    sock.close()
-                    raise
-                return sock
-            raise error or OSError(f"no address for {server.host}")
-    except TimeoutError as exc:
-        raise ConnectTimeout(f"connecting to {server.url} timed out") from exc
-    except OSError as exc:
-        raise ConnectError(f"cannot connect to {server.url}: {exc}") from exc
-
-
-def _peer_address(sock: socket.socket) -> str | None:
-    try:
-        return str(sock.getpeername()[0])
-    except OSError:
-        return None
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    # Made once: loading the system's CA bundle costs milliseconds.
-    return ssl.create_default_context()
-
-
-def _ascii(target: bytes) -> str:
-    if target.isascii():
-        return target.decode("ascii")
-    return quote_from_bytes(target, safe=bytes(range(0x21, 0x7F)))
-
-
-class _NoBody:
-    """The body of a handshake answer that has none."""
-
-    __slots__ = ()
-
-    def __aiter__(self) -> _NoBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        raise StopAsyncIteration
-
-    async def aclose(self) -> None:
-        pass
-
-
-class _Body:
-    """The body of an upstream's refusal, read whole by the WebSocket library."""
-
-    __slots__ = ("_chunks",)
-
-    def __init__(self, body: bytes) -> None:
-        self._chunks = [body] if body else []
-
-    def __aiter__(self) -> _Body:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._chunks:
-            return self._chunks.pop()
-        raise StopAsyncIteration
-
-    async def aclose(self) -> None:
-        self._chunks.clear()
-
-
-class _Upgraded:
-    """The "body" of an accepted handshake: the session's upstream connection."""
-
-    __slots__ = ("connection",)
-
-    def __init__(self, connection: ClientConnection) -> None:
-        self.connection = connection
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return _NoBody()
-
-    async def aclose(self) -> None:
-        from websockets.protocol import State
-
-        # The session closes the connection gracefully first; this cuts whatever is left.
-        if self.connection.state is not State.CLOSED:
-            self.connection.transport.abort()
-
-
 # -- answering the client -----------------------------------------------------------------
 
 
@@ -755,10 +447,18 @@ async def _refuse_with_error(scope: dict[str, Any], send: Any, exc: GatewayError
             await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
             await send({"type": "websocket.http.response.body", "body": body})
         else:
-            await send({"type": "websocket.close", "code": 1014 if status in (502, 503, 504) else 1011})
+            await send({"type": "websocket.close", "code": _close_code(status)})
     except OSError:
         pass
     return status
+
+
+def _close_code(status: int) -> int:
+    """The close that refuses a handshake in place of an HTTP answer of `status`."""
+    if status in (502, 503, 504):
+        return 1014
+    # A refusal of the client's own request (IP rules, auth, rate limit): a policy violation.
+    return 1008 if 400 <= status < 500 else 1011
 
 
 async def _refuse_with_response(

@@ -549,70 +549,6 @@ def make_host_app(config: Any, **gateway_kwargs: Any) -> Any:
     )
 
 
-class BrokenServer:
-    """A TCP server on 127.0.0.1 that misbehaves in one way, for the error paths.
-
-    Modes, applied to every connection after it has read the request head:
-    - "close": close the connection without a byte;
-    - "reset": abort it with a TCP RST (SO_LINGER 0);
-    - "garbage": answer bytes that are not HTTP, then close;
-    - "silent": keep the connection open and never answer (until the server stops).
-    """
-
-    def __init__(self, mode: str) -> None:
-        if mode not in ("close", "reset", "garbage", "silent"):
-            raise ValueError(mode)
-        self.mode = mode
-        self.listener = listening_socket(64)
-        self.port: int = self.listener.getsockname()[1]
-        self.connections = 0
-        self._open: list[socket.socket] = []
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=f"broken-{mode}-{self.port}", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def _serve(self) -> None:
-        while not self._done.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            conn.settimeout(2.0)
-            data = b""
-            with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-            if self.mode == "silent":
-                self._open.append(conn)
-                continue
-            with contextlib.suppress(OSError):
-                if self.mode == "reset":
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                elif self.mode == "garbage":
-                    conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
-            conn.close()
-
-    def __enter__(self) -> BrokenServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._done.set()
-        self._thread.join(5)
-        self.listener.close()
-        for conn in self._open:
-            conn.close()
-
-
 def read_head(conn: socket.socket, limit: int = 1 << 20) -> bytes:
     """Read from `conn` until a blank line ends a request head: that head and whatever came with
     it; b"" if the peer closed first."""
@@ -629,6 +565,16 @@ def reset_close(conn: socket.socket) -> None:
     """Close `conn` with a TCP RST instead of a FIN (SO_LINGER 0)."""
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     conn.close()
+
+
+def answer_each(response: bytes) -> Callable[[socket.socket, int], None]:
+    """A `ScriptedServer` script answering every request head on the connection with `response`."""
+
+    def script(conn: socket.socket, number: int) -> None:
+        while read_head(conn):
+            conn.sendall(response)
+
+    return script
 
 
 class ScriptedServer:
@@ -703,6 +649,32 @@ class ScriptedServer:
                 conn.close()
         for thread in self._threads:
             thread.join(5)
+
+
+class BrokenServer(ScriptedServer):
+    """A TCP server on 127.0.0.1 that misbehaves in one way, for the error paths.
+
+    Modes, applied to every connection after it has read the request head:
+    - "close": close the connection without a byte;
+    - "reset": abort it with a TCP RST (SO_LINGER 0);
+    - "garbage": answer bytes that are not HTTP, then close;
+    - "silent": keep the connection open and never answer (until the server stops).
+    """
+
+    def __init__(self, mode: str) -> None:
+        if mode not in ("close", "reset", "garbage", "silent"):
+            raise ValueError(mode)
+        self.mode = mode
+        super().__init__(self._misbehave, timeout=2.0)
+
+    def _misbehave(self, conn: socket.socket, number: int) -> None:
+        read_head(conn)
+        if self.mode == "silent":
+            self._done.wait()
+        elif self.mode == "reset":
+            reset_close(conn)
+        elif self.mode == "garbage":
+            conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
 
 
 # -- raw HTTP ------------------------------------------------------------------------------

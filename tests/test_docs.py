@@ -32,6 +32,8 @@ REQUIRED_VALUES: dict[str, Any] = {
     "routes[].upstream": "<name>",
     "upstreams.<name>.servers[].url": "http://127.0.0.1:8000",
     "routes[].rate_limit.rate": 10,
+    "routes[].rewrite.pattern": "^/old/",
+    "routes[].rewrite.replacement": "/new/",
 }
 #: Values for keys that have a default but of which one must be set (a JWT's key source).
 ONE_OF_VALUES: dict[str, Any] = {"routes[].auth.jwt.jwks_url": "http://127.0.0.1:8000/jwks.json"}

@@ -5,10 +5,7 @@ Every test goes through a real gateway (uvicorn in a thread) to real upstream pr
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,9 +13,10 @@ import httpx
 import pytest
 from servers import (
     RawConnection,
+    ScriptedServer,
     Upstreams,
+    answer_each,
     http_client,
-    listening_socket,
     make_host_app,
     raw_request,
     serve_app,
@@ -183,6 +181,29 @@ def test_standalone_gateway_answers_404_when_nothing_matches(
     assert upstreams.u1.requests("echo") == 1
 
 
+def test_the_standalone_gateways_404_is_a_gateway_error_with_the_request_id(
+    upstreams: Upstreams, standalone_gateway_factory: Callable[..., str]
+) -> None:
+    url = standalone_gateway_factory(
+        {
+            "routes": [{"path": "/api", "upstream": "a"}],
+            "upstreams": {"a": {"servers": [{"url": upstreams.u1.url}]}},
+        }
+    )
+    with http_client(url, timeout=10) as client:
+        mine = client.get("/nothing", headers={"x-request-id": "req-404"})
+        generated = client.get("/nothing")
+    assert mine.status_code == 404
+    assert mine.headers["content-type"] == "application/json"
+    assert mine.json() == {
+        "error": "not_found",
+        "detail": "no route matches this request",
+        "request_id": "req-404",
+    }
+    assert mine.headers["x-request-id"] == "req-404"
+    assert generated.json()["request_id"] == generated.headers["x-request-id"] != ""
+
+
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
@@ -311,43 +332,12 @@ def test_cookies_never_cross_clients(upstreams: Upstreams, gateway_factory: Call
 # -- answers that have no body ------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def canned_upstream(answer: bytes) -> Iterator[str]:
-    """A raw upstream that reads each request head and writes `answer`, keeping the connection."""
-    listener = listening_socket(16)
-    stop = threading.Event()
-
-    def serve(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            conn.settimeout(5.0)
-            data = b""
-            while not stop.is_set():
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-                while b"\r\n\r\n" in data:
-                    _, data = data.split(b"\r\n\r\n", 1)
-                    conn.sendall(answer)
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        acceptor.join(5)
-        listener.close()
+def raw_upstream_gateway(serve: Callable[..., str], transport_kind: str, upstream: str) -> str:
+    config = {
+        "routes": [{"path": "/", "upstream": "raw"}],
+        "upstreams": {"raw": {"servers": [{"url": upstream}]}},
+    }
+    return serve(make_host_app(config, **transport_kwargs(transport_kind)))
 
 
 @pytest.mark.parametrize(
@@ -364,12 +354,8 @@ def test_bodiless_answers_keep_the_client_connection(
     serve: Callable[..., str], transport_kind: str, answer: bytes
 ) -> None:
     status = int(answer.split(b" ")[1])
-    with canned_upstream(answer) as upstream:
-        config = {
-            "routes": [{"path": "/", "upstream": "raw"}],
-            "upstreams": {"raw": {"servers": [{"url": upstream}]}},
-        }
-        gateway = serve(make_host_app(config, **transport_kwargs(transport_kind)))
+    with ScriptedServer(answer_each(answer)) as upstream:
+        gateway = raw_upstream_gateway(serve, transport_kind, upstream.url)
         with RawConnection.to(gateway) as conn:
             for _ in range(2):
                 conn.send(b'GET /thing HTTP/1.1\r\nHost: x\r\nIf-None-Match: "v1"\r\n\r\n')
@@ -384,12 +370,8 @@ def test_head_answer_with_content_length_keeps_the_client_connection(
     serve: Callable[..., str], transport_kind: str
 ) -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5000\r\n\r\n"
-    with canned_upstream(answer) as upstream:
-        config = {
-            "routes": [{"path": "/", "upstream": "raw"}],
-            "upstreams": {"raw": {"servers": [{"url": upstream}]}},
-        }
-        gateway = serve(make_host_app(config, **transport_kwargs(transport_kind)))
+    with ScriptedServer(answer_each(answer)) as upstream:
+        gateway = raw_upstream_gateway(serve, transport_kind, upstream.url)
         with RawConnection.to(gateway) as conn:
             for _ in range(2):
                 conn.send(b"HEAD /thing HTTP/1.1\r\nHost: x\r\n\r\n")

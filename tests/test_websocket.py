@@ -815,6 +815,17 @@ async def test_without_the_http_response_extension_a_refusal_is_a_close_with_101
     assert client.sent == [{"type": "websocket.close", "code": 1014}]
 
 
+async def test_without_the_http_response_extension_an_edge_refusal_is_a_close_with_1008() -> None:
+    from asgi_gateway import Gateway
+
+    cfg = config(f"http://127.0.0.1:{free_port()}")
+    cfg["routes"][0]["deny_ips"] = ["127.0.0.0/8"]
+    gw = Gateway(cfg)
+    client = _FakeClient()
+    await gw(client.scope, client.receive, client.send)
+    assert client.sent == [{"type": "websocket.close", "code": 1008}]
+
+
 async def test_with_the_library_nothing_is_logged_at_start_up(caplog: pytest.LogCaptureFixture) -> None:
     from asgi_gateway._websocket import warn_if_unavailable
 

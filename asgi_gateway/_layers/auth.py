@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Any
 
 from .._config import JwtConfig
@@ -32,7 +32,7 @@ class AuthLayer(Handler):
             removed.add(b"authorization")
         self._removed = frozenset(removed)
 
-    def handle_request(self, request: Request) -> Coroutine[Any, Any, Response]:
+    def handle_request(self, request: Request) -> Awaitable[Response]:
         exchange = request.exchange
         token = None
         sent = 0

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -99,6 +99,22 @@ def _observer(*balancers: Balancer | None) -> Callable[[Server, float, bool], No
     return observe_all
 
 
+class _Over(Handler):
+    """`FailoverLayer.over(inner)`: the layer's failover, over another inner handler."""
+
+    __slots__ = ("_inner", "_layer")
+
+    def __init__(self, layer: FailoverLayer, inner: Handler) -> None:
+        self._layer = layer
+        self._inner = inner
+
+    def handle_request(self, request: Request) -> Awaitable[Response]:
+        return self._layer._attempt(request, self._inner)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class FailoverLayer(Handler):
     """Chooses the server for each attempt and keeps broken servers out of rotation.
 
@@ -148,17 +164,22 @@ class FailoverLayer(Handler):
         self._available = -1
         self._recompute(self._clock())
 
-    def handle_request(self, request: Request) -> Coroutine[Any, Any, Response]:
-        # `handle_with`'s coroutine itself: one coroutine fewer to resume per wake-up.
-        return self.handle_with(request, self._inner)
+    def handle_request(self, request: Request) -> Awaitable[Response]:
+        # `_attempt`'s coroutine itself: this layer adds no coroutine of its own to resume
+        # at each wake-up of the exchange.
+        return self._attempt(request, self._inner)
 
-    async def handle_with(self, request: Request, inner: Handler) -> Response:
-        """`handle_request`, with `inner` instead of this layer's own inner handler sending the attempt.
+    def over(self, inner: Handler) -> Handler:
+        """This layer's failover (servers, health, balancer, outlier detection), with each
+        attempt sent through `inner` instead of this layer's own inner handler.
 
         For attempts that do not go through the HTTP transport (a WebSocket handshake): the
         server is chosen, counted in flight until the response is closed, and judged by
         outlier detection exactly as a request's attempt is.
         """
+        return _Over(self, inner)
+
+    async def _attempt(self, request: Request, inner: Handler) -> Response:
         exchange = request.exchange
         started = self._clock()
         if started >= self._next_expiry:

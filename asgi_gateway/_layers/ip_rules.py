@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable
 
 from .._edge.ip_rules import IpRules
 from .._exceptions import Forbidden
@@ -23,7 +22,7 @@ class IpRulesLayer(Handler):
         self.inner = inner
         self.rules = rules
 
-    def handle_request(self, request: Request) -> Coroutine[Any, Any, Response]:
+    def handle_request(self, request: Request) -> Awaitable[Response]:
         # A plain function handing back the inner coroutine: no coroutine of its own to
         # resume on each wake-up of the exchange. A refusal raises here, at the await.
         exchange = request.exchange

@@ -7,7 +7,6 @@ picks the server (another one than those in `exchange.tried` when it can).
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import logging
 import math
@@ -15,13 +14,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
-from typing import Any, Final
+from typing import Final
 
 import anyio
 
 from .._config import UpstreamConfig
+from .._deadline import Deadline
 from .._exceptions import ConcurrencyLimitExceeded, TotalTimeout, UpstreamError
-from .._loop import CoarseTimer, coarse_timers, running_task
+from .._loop import running_task
 from .._types import IDEMPOTENT_METHODS, NULL_EVENTS, GatewayEvents, Handler, Request, Response, may_resend
 
 __all__ = ["IDEMPOTENT_METHODS", "RetryBudget", "RetryLayer", "may_resend"]
@@ -102,34 +102,6 @@ class RetryBudget:
         return sum(self._retries)
 
 
-class _LateDeadline:
-    """A total deadline that starts when the request body has been received."""
-
-    __slots__ = ("_loop", "_task", "_timer", "_total", "fired")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, total: float, task: asyncio.Task[Any]) -> None:
-        self._loop = loop
-        self._total = total
-        self._task: asyncio.Task[Any] | None = task
-        self._timer: CoarseTimer | None = None
-        self.fired = False
-
-    def arm(self) -> None:
-        if self._task is not None:
-            self._timer = coarse_timers(self._loop).call_at(self._loop.time() + self._total, self._fire)
-
-    def _fire(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            self.fired = True
-            task.cancel()
-
-    def cancel(self) -> None:
-        self._task = None
-        if self._timer is not None:
-            self._timer.cancel()
-
-
 def _retry_after(response: Response) -> float | None:
     """Seconds an upstream's `Retry-After` asks for (delta-seconds or HTTP-date), or None."""
     for name, value in response.headers:
@@ -162,8 +134,10 @@ class RetryLayer(Handler):
     - At most `max_concurrent_requests` at once; a request holds its place until its
       response is closed. Overflow raises `ConcurrencyLimitExceeded` (503) at once.
 
-    `sleep` and `rng` are there for tests: pass a sleep that returns at once to turn the
-    backoff off.
+    `budget` may be shared with another retry layer of the upstream (its WebSocket
+    handshakes'); `limit_concurrency=False` leaves `max_concurrent_requests` out (sessions
+    do not count against it). `sleep` and `rng` are there for tests: pass a sleep that
+    returns at once to turn the backoff off.
     """
 
     def __init__(
@@ -175,6 +149,7 @@ class RetryLayer(Handler):
         budget: RetryBudget | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         rng: random.Random | None = None,
+        limit_concurrency: bool = True,
     ) -> None:
         retry = upstream.retry
         self.upstream = upstream
@@ -191,7 +166,7 @@ class RetryLayer(Handler):
         self._connect_timeout = upstream.timeouts.connect
         self._read_timeout = upstream.timeouts.read
         self._total = upstream.timeouts.total
-        self._max_concurrent = upstream.max_concurrent_requests
+        self._max_concurrent = upstream.max_concurrent_requests if limit_concurrency else math.inf
         #: Requests holding a concurrency slot now.
         self.in_flight = 0
 
@@ -205,50 +180,29 @@ class RetryLayer(Handler):
         request.read_timeout = self._read_timeout
         self.budget.record_request()
         try:
-            task = request.exchange.task or running_task()
-            if task is None:
-                response = await self._send_anyio(request)
-            else:
-                # What asyncio.timeout_at() does, without its look-ups of the running loop and
-                # task (the relay knows its task), and on a coarse timer.
-                loop = task.get_loop()
-                cancelling = task.cancelling()
-                timer: CoarseTimer | _LateDeadline
-                if request.body.replayable:
-                    deadline = loop.time() + self._total
-                    timer = coarse_timers(loop).call_at(deadline, task.cancel)
-                else:
+            body = request.body
+            exchange = request.exchange
+            replayable = body.replayable
+            deadline = Deadline(self._total, exchange.task or running_task(), replayable)
+            with deadline:
+                if not replayable:
                     # The client's own upload is not the upstream's time: as Envoy's route
                     # timeout, the deadline starts once the whole body has been received. (A
                     # body streaming up cannot be sent again, so no retry plans against it.)
-                    deadline = math.inf
-                    timer = _LateDeadline(loop, self._total, task)
-                    request.body.on_end(timer.arm)
+                    body.on_end(deadline.start)
+                # The first attempt is made here rather than in a coroutine of its own: most
+                # requests make no other, and each coroutine between the relay and the socket
+                # is resumed at every wake-up of the exchange.
+                exchange.attempts += 1
                 try:
-                    # The first attempt, here rather than in a coroutine of its own: most
-                    # requests make no other.
-                    request.exchange.attempts += 1
-                    try:
-                        response = await self.inner.handle_request(request)
-                    except UpstreamError as exc:
-                        response = await self._retry(request, deadline, exc, None)
-                    else:
-                        if response.status in self._statuses:
-                            response = await self._retry(request, deadline, None, response)
-                except BaseException as exc:
-                    timer.cancel()
-                    # The deadline's cancellation is taken back; only if nothing else asked for
-                    # one too is this a timeout (as asyncio.timeout decides).
-                    if (
-                        timer.fired
-                        and task.uncancel() <= cancelling
-                        and isinstance(exc, asyncio.CancelledError)
-                    ):
-                        raise self._total_timeout(request) from None
-                    raise
-                timer.cancel()
-                if timer.fired:
-                    task.uncancel()
+                    response = await self.inner.handle_request(request)
+                except UpstreamError as exc:
+                    response = await self._retry(request, deadline.at, exc, None)
+                else:
+                    if response.status in self._statuses:
+                        response = await self._retry(request, deadline.at, None, response)
+            if deadline.expired:
+                raise self._total_timeout(request)
         except BaseException:
             self.in_flight -= 1
             raise
@@ -258,46 +212,11 @@ class RetryLayer(Handler):
     def _release(self, response: Response, error: BaseException | None) -> None:
         self.in_flight -= 1
 
-    async def _send_anyio(self, request: Request) -> Response:
-        if request.body.replayable:
-            deadline = anyio.current_time() + self._total
-            scope = anyio.CancelScope(deadline=deadline)
-        else:
-            # As on asyncio: from the end of the client's upload.
-            deadline = math.inf
-            scope = anyio.CancelScope()
-            total = self._total
-            running = True
-
-            def arm() -> None:
-                if running:
-                    scope.deadline = anyio.current_time() + total
-
-            request.body.on_end(arm)
-        with scope:
-            try:
-                return await self._attempts_loop(request, deadline)
-            finally:
-                running = False
-        # Only reached when the deadline cancelled the loop; an outer cancellation propagates.
-        assert scope.cancelled_caught
-        raise self._total_timeout(request)
-
     def _total_timeout(self, request: Request) -> TotalTimeout:
         return TotalTimeout(
             f"upstream {self.upstream.name!r} did not answer within {self._total:g} s "
             f"({request.exchange.attempts} attempt(s))"
         )
-
-    async def _attempts_loop(self, request: Request, deadline: float) -> Response:
-        request.exchange.attempts += 1
-        try:
-            response = await self.inner.handle_request(request)
-        except UpstreamError as exc:
-            return await self._retry(request, deadline, exc, None)
-        if response.status in self._statuses:
-            return await self._retry(request, deadline, None, response)
-        return response
 
     async def _retry(
         self, request: Request, deadline: float, error: UpstreamError | None, response: Response | None

@@ -3,7 +3,8 @@
 Each attempt gets a CLIENT span named after the method, a child of the request's
 server span, with the HTTP semantic-convention attributes, and its own W3C
 `traceparent`, so the upstream's spans hang under the attempt that reached them.
-The span ends when the response is closed, so it covers the body transfer too.
+The span ends when the response is closed, so it covers the body transfer too (a
+WebSocket handshake's ends with its head: the session that follows is not the attempt).
 
 An unsampled request gets no CLIENT span, only the unsampled traceparent (so the
 upstream keeps the sampling decision); with tracing off, the request goes through
@@ -14,8 +15,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 import anyio
 from opentelemetry import context, trace
@@ -52,13 +53,16 @@ _SENSITIVE_QUERY = re.compile(rb"([?&](?:AWSAccessKeyId|Signature|sig|X-Goog-Sig
 class TelemetryLayer(Handler):
     """Wraps the transport: a CLIENT span and `http.client.request.duration` per attempt."""
 
-    def __init__(self, inner: Handler, telemetry: Telemetry) -> None:
+    def __init__(self, inner: Handler, telemetry: Telemetry, *, ends_at_head: bool = False) -> None:
         self.inner = inner
         self._telemetry = telemetry
+        #: End the span and the measurement with the response head rather than at its close:
+        #: for a WebSocket handshake, whose "body" is the session that follows.
+        self._ends_at_head = ends_at_head
         #: Per server: method -> {http.request.method, server.address, server.port}, made once.
         self._attributes: dict[Server, dict[str, dict[str, AttributeValue]]] = {}
 
-    def handle_request(self, request: Request) -> Coroutine[Any, Any, Response]:
+    def handle_request(self, request: Request) -> Awaitable[Response]:
         telemetry = self._telemetry
         tracer = telemetry.tracer
         if tracer is None or request.exchange.span is None:
@@ -136,7 +140,10 @@ class TelemetryLayer(Handler):
                     span.set_attribute(NETWORK_PEER_ADDRESS, response.peer_address)
             except Exception as exc:
                 telemetry.report("client span", exc)
-        response.on_close(end)
+        if self._ends_at_head:
+            end(response, None)
+        else:
+            response.on_close(end)
         return response
 
     def _base_attributes(self, server: Server, method: str) -> dict[str, AttributeValue]:

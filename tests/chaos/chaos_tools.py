@@ -29,7 +29,8 @@ from typing import Any
 
 import h11
 import psutil  # type: ignore[import-untyped]
-from servers import HOST, TESTS_DIR, RawResponse, UpstreamProcess, free_port, listening_socket, wait_until
+import servers
+from servers import HOST, TESTS_DIR, RawResponse, UpstreamProcess, free_port, wait_until
 
 CHAOS_DIR = Path(__file__).resolve().parent
 MiB = 1024 * 1024
@@ -384,7 +385,7 @@ def drip(data: bytes, *, step: int, interval: float, stop: threading.Event) -> S
     return script
 
 
-class ScriptedServer:
+class ScriptedServer(servers.ScriptedServer):
     """A raw TCP upstream on 127.0.0.1 that answers each request path with exact bytes.
 
     `scripts` maps a request path (the target without its query) to a `Script`, which
@@ -395,55 +396,19 @@ class ScriptedServer:
     def __init__(self, scripts: dict[str, Script]) -> None:
         self.scripts = scripts
         self.requests: collections.Counter[str] = collections.Counter()
-        self.stopping = threading.Event()
         self._lock = threading.Lock()
-        self.listener = listening_socket(128)
-        self.port: int = self.listener.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept, name=f"scripted-{self.port}", daemon=True)
+        super().__init__(self._dispatch, timeout=5.0)
 
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            conn.settimeout(5.0)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            target = data.split(b"\r\n", 1)[0].split(b" ")[1]
-            path = target.split(b"?", 1)[0].decode("latin-1")
-            with self._lock:
-                self.requests[path] += 1
-            script = self.scripts.get(path, send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
-            script(conn)
-
-    def __enter__(self) -> ScriptedServer:
-        self._acceptor.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stopping.set()
-        self._acceptor.join(5)
-        self.listener.close()
-        for thread in self._threads:
-            thread.join(5)
+    def _dispatch(self, conn: socket.socket, number: int) -> None:
+        data = servers.read_head(conn)
+        if not data:
+            return
+        target = data.split(b"\r\n", 1)[0].split(b" ")[1]
+        path = target.split(b"?", 1)[0].decode("latin-1")
+        with self._lock:
+            self.requests[path] += 1
+        script = self.scripts.get(path, send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+        script(conn)
 
 
 # -- a bounded load loop ---------------------------------------------------------------------

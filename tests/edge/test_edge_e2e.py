@@ -4,6 +4,7 @@ IP rules, JWT authentication and memory/Redis rate limits, in that order, as the
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -460,13 +461,66 @@ def test_three_gateway_processes_on_one_redis_enforce_one_limit(
             process.close()
 
 
-def test_websocket_handshakes_on_protected_routes_are_refused_not_let_through(
-    upstreams: Upstreams, standalone_gateway_factory: GatewayFactory
+@pytest.fixture(scope="module")
+def ws_upstream() -> Iterator[Any]:
+    from test_websocket import WsUpstream
+
+    upstream = WsUpstream("wa")
+    try:
+        upstream.start()
+        yield upstream
+    finally:
+        upstream.close()
+
+
+def test_websocket_handshakes_on_protected_routes_go_through_the_edge_checks(
+    ws_upstream: Any, standalone_gateway_factory: GatewayFactory
 ) -> None:
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    base = standalone_gateway_factory(config(upstreams, {"path": "/api", "deny_ips": ["192.0.2.0/24"]}))
-    with pytest.raises(InvalidStatus) as caught:
-        connect(base.replace("http", "ws") + "/api/ws", proxy=None, open_timeout=10).close()
-    assert caught.value.response.status_code == 403
+    ws_upstream.ensure_running()
+    ws_upstream.admin("reset")
+    spec = {
+        "routes": [
+            {"path": "/denied", "upstream": "ws", "deny_ips": ["127.0.0.0/8"]},
+            {
+                "path": "/ws",
+                "upstream": "ws",
+                "deny_ips": ["192.0.2.0/24"],
+                "auth": {"jwt": {"secret": SECRET, "algorithms": ["HS256"]}},
+                "rate_limit": {"rate": 1, "per": 60, "burst": 2, "key": "route"},
+            },
+        ],
+        "upstreams": {"ws": {"servers": [ws_upstream.url]}},
+    }
+    base = standalone_gateway_factory(spec).replace("http", "ws", 1)
+    bearer = {"authorization": f"Bearer {token(SECRET, 'HS256')}"}
+
+    def refused(path: str, **kwargs: Any) -> Any:
+        with pytest.raises(InvalidStatus) as caught:
+            connect(base + path, proxy=None, open_timeout=10, **kwargs).close()
+        return caught.value.response
+
+    denied = refused("/denied/echo?id=denied")
+    assert denied.status_code == 403
+    assert json.loads(denied.body)["error"] == "forbidden"
+    unauthorized = refused("/ws/echo?id=anonymous")
+    assert unauthorized.status_code == 401
+    assert json.loads(unauthorized.body)["error"] == "unauthorized"
+    assert unauthorized.headers["www-authenticate"].startswith("Bearer")
+    assert ws_upstream.handshakes() == 0
+    for remaining in (1, 0):
+        with connect(
+            base + "/ws/echo?id=allowed", proxy=None, open_timeout=10, additional_headers=bearer
+        ) as ws:
+            assert ws.response is not None
+            assert int(ws.response.headers["ratelimit-remaining"]) == remaining
+            ws.send("hello")
+            assert ws.recv(timeout=10) == "hello"
+    assert ws_upstream.handshakes() == 2
+    limited = refused("/ws/echo?id=limited", additional_headers=bearer)
+    assert limited.status_code == 429
+    assert json.loads(limited.body)["error"] == "rate_limited"
+    assert int(limited.headers["retry-after"]) >= 1
+    assert ws_upstream.handshakes() == 2

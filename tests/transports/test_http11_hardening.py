@@ -14,7 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from servers import RawConnection, ScriptedServer, http_client, read_head, reset_close, wait_until
+from servers import (
+    RawConnection,
+    ScriptedServer,
+    answer_each,
+    http_client,
+    read_head,
+    reset_close,
+    wait_until,
+)
 
 STATUS = "/-/status"
 
@@ -55,16 +63,6 @@ def one_response(url: str, request: bytes) -> tuple[int, bytes]:
         conn.send(request)
         response = conn.read_response()
     return response.status, response.body
-
-
-def answer_each(response: bytes) -> Callable[[socket.socket, int], None]:
-    """A script answering every request head on the connection with `response`."""
-
-    def script(conn: socket.socket, n: int) -> None:
-        while read_head(conn):
-            conn.sendall(response)
-
-    return script
 
 
 # -- a close-delimited body ends only with a clean close ------------------------------------

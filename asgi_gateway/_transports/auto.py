@@ -1,0 +1,59 @@
+"""The one place the gateway's transport is chosen, once the async library is known.
+
+A `Transport` given by the user is used as it is, and an httpx client or transport through
+the httpx adapter. Otherwise the built-in HTTP/1.1 pool, which runs on asyncio; under trio
+the httpx adapter takes its place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+
+import httpx
+import sniffio
+
+from .._types import Request, Response, Transport
+from .httpx import HttpxTransport
+
+__all__ = ["AutoTransport", "UserTransport"]
+
+logger = logging.getLogger("asgi_gateway")
+
+UserTransport = httpx.AsyncClient | httpx.AsyncBaseTransport | Transport
+
+
+class AutoTransport(Transport):
+    """Opens the real transport on first use (or at `open()`), and closes it at `aclose()`."""
+
+    def __init__(self, user: UserTransport | None) -> None:
+        self._user = user
+        self._inner: Transport | None = None
+
+    def _open(self) -> Transport:
+        if isinstance(self._user, Transport):
+            self._inner = self._user
+        elif self._user is not None:
+            self._inner = HttpxTransport(self._user)
+        elif sniffio.current_async_library() == "asyncio":
+            from .pool import PoolTransport
+
+            self._inner = PoolTransport()
+        else:
+            logger.warning("the built-in HTTP/1.1 pool needs asyncio; using the httpx transport under trio")
+            self._inner = HttpxTransport()
+        return self._inner
+
+    def handle_request(self, request: Request) -> Awaitable[Response]:
+        # The inner transport's own awaitable: no coroutine of this layer between the
+        # relay and the socket, to be resumed at each wake-up of the exchange.
+        return (self._inner or self._open()).handle_request(request)
+
+    def open(self) -> None:
+        if self._inner is None:
+            self._open()
+
+    async def aclose(self) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            await inner.aclose()

@@ -14,26 +14,22 @@ processor raises is logged (rate-limited) and swallowed.
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from contextvars import Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import anyio
 from opentelemetry import context, metrics, propagate, trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.propagators.textmap import Getter, Setter, TextMapPropagator
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 from ._exceptions import ClientDisconnected, ClientRequestError
+from ._logging import JsonFormatter
+from ._propagation import _Propagation
 from ._routing import Route
 from ._semconv import (
     CLIENT_ADDRESS,
@@ -47,8 +43,6 @@ from ._semconv import (
     METHODS,
     NETWORK_PEER_ADDRESS,
     OTHER_METHOD,
-    SERVER_ADDRESS,
-    SERVER_PORT,
     URL_PATH,
     URL_SCHEME,
     WEBSOCKET_CLOSE_CODE,
@@ -58,7 +52,8 @@ from ._semconv import (
     WEBSOCKET_SESSIONS,
     error_type,
 )
-from ._types import Exchange, GatewayEvents, Headers, Request, Server
+from ._telemetry_events import TelemetryEvents
+from ._types import Exchange, Headers, Request
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import (
@@ -119,27 +114,6 @@ class SessionKind:
 
 HTTP: Final = SessionKind("server", None, adopts_host_span=True)
 WEBSOCKET: Final = SessionKind("websocket", "WebSocket", adopts_host_span=False)
-
-
-class _HeaderGetter(Getter[Headers]):
-    """Reads propagation fields from raw ASGI header pairs (lower-case names)."""
-
-    def get(self, carrier: Headers, key: str) -> list[str] | None:
-        name = key.lower().encode("latin-1")
-        values = [value.decode("latin-1") for header, value in carrier if header == name]
-        return values or None
-
-    def keys(self, carrier: Headers) -> list[str]:
-        return [header.decode("latin-1") for header, _ in carrier]
-
-
-class _HeaderSetter(Setter[Headers]):
-    def set(self, carrier: Headers, key: str, value: str) -> None:
-        carrier.append((key.lower().encode("latin-1"), value.encode("latin-1")))
-
-
-HEADER_GETTER: Final = _HeaderGetter()
-HEADER_SETTER: Final = _HeaderSetter()
 
 
 def _span_key() -> str:
@@ -655,62 +629,6 @@ class Telemetry:
         self.propagation().inject(request, span, baggage)
 
 
-class _Propagation:
-    """The global propagator, with what can be known about it once.
-
-    W3C trace context and baggage (the default, and what Jaeger reads) are written
-    directly, as their propagators would write them; any other propagator is called.
-    """
-
-    __slots__ = ("baggage", "fields", "propagator", "tracecontext", "w3c")
-
-    def __init__(self, propagator: TextMapPropagator) -> None:
-        self.propagator = propagator
-        self.fields = frozenset(field.lower().encode("latin-1") for field in propagator.fields)
-        members = (
-            getattr(propagator, "_propagators", None) if type(propagator) is CompositePropagator else None
-        )
-        if members is None:
-            members = [propagator]
-        kinds = [type(member) for member in members]
-        self.w3c = all(kind in (TraceContextTextMapPropagator, W3CBaggagePropagator) for kind in kinds)
-        self.tracecontext = TraceContextTextMapPropagator in kinds
-        self.baggage = next((member for member in members if type(member) is W3CBaggagePropagator), None)
-
-    def extract(self, headers: Headers) -> context.Context | None:
-        """The parent context the request's headers carry (None: no parent)."""
-        if self.w3c:
-            fields = self.fields
-            for name, _ in headers:
-                if name in fields:
-                    break
-            else:
-                return None
-        return self.propagator.extract(headers, getter=HEADER_GETTER)
-
-    def inject(self, request: Request, span: Span, baggage: bool = True) -> None:
-        fields = self.fields
-        headers = request.headers
-        for name, _ in headers:
-            if name in fields:
-                # The client's (or the previous attempt's) traceparent names another parent.
-                headers = request.headers = [header for header in headers if header[0] not in fields]
-                break
-        if not self.w3c:
-            self.propagator.inject(headers, context=trace.set_span_in_context(span), setter=HEADER_SETTER)
-            return
-        if self.tracecontext:
-            # A SpanContext is a tuple: unpacked, its fields cost no property calls.
-            trace_id, span_id, _, flags, trace_state, valid = span.get_span_context()
-            if valid:
-                headers.append((b"traceparent", b"00-%032x-%016x-%02x" % (trace_id, span_id, flags)))
-                if trace_state is not trace.DEFAULT_TRACE_STATE and trace_state:
-                    headers.append((b"tracestate", trace_state.to_header().encode("latin-1")))
-        if baggage and self.baggage is not None:
-            # Baggage lives in the current context, where the request's span is too.
-            self.baggage.inject(headers, setter=HEADER_SETTER)
-
-
 def _set_failure(span: Span, status: int, error: BaseException | None, failure: str, answered: bool) -> None:
     """Marks the request's span as failed: error.type, and an ERROR status unless the client left."""
     span.set_attributes(
@@ -748,111 +666,6 @@ def _error_type(status: int, error: BaseException | None) -> str | None:
     return None
 
 
-#: What an event hook records: (span or None, event name, event attributes, counter or None,
-#: counter attributes).
-_Emission = tuple[Any, str, dict[str, AttributeValue], Any, dict[str, AttributeValue]]
-
-
-class TelemetryEvents(GatewayEvents):
-    """The layers' events as span events on the request's server span, and counters."""
-
-    def __init__(self, telemetry: Telemetry) -> None:
-        self._telemetry = telemetry
-
-    def _emit(self, what: str, build: Callable[[], _Emission]) -> None:
-        """A span event (when a request's span is given) and a counter increment, failsafe:
-        even building their attributes may not raise into a layer."""
-        try:
-            span, event, event_attributes, counter, counter_attributes = build()
-            if span is not None:
-                span.add_event(event, event_attributes)
-            if counter is not None:
-                counter.add(1, counter_attributes)
-        except Exception as exc:
-            self._telemetry.report(what, exc)
-
-    def retry(self, exchange: Exchange, attempt: int, reason: str, backoff: float) -> None:
-        self._emit(
-            "retry event",
-            lambda: (
-                exchange.span,
-                "retry",
-                {
-                    "gateway.attempt": attempt,
-                    "gateway.retry.reason": reason,
-                    "gateway.retry.backoff": backoff,
-                },
-                self._telemetry.retries,
-                {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.retry.reason": reason},
-            ),
-        )
-
-    def retry_budget_exhausted(self, exchange: Exchange, reason: str) -> None:
-        self._emit(
-            "retry budget event",
-            lambda: (
-                exchange.span,
-                "retry_budget_exhausted",
-                {"gateway.retry.reason": reason},
-                self._telemetry.budget_exhausted,
-                {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.retry.reason": reason},
-            ),
-        )
-
-    def ejected(self, server: Server, duration: float, exchange: Exchange | None) -> None:
-        def build() -> _Emission:
-            attributes: dict[str, AttributeValue] = {
-                GATEWAY_UPSTREAM: server.upstream,
-                SERVER_ADDRESS: server.host,
-                SERVER_PORT: server.port,
-            }
-            return (
-                exchange.span if exchange is not None else None,
-                "ejection",
-                {**attributes, "gateway.ejection.duration": duration},
-                self._telemetry.ejections,
-                attributes,
-            )
-
-        self._emit("ejection event", build)
-
-    def readmitted(self, server: Server) -> None:
-        # The failover layer logs it and the available-servers gauge shows it.
-        pass
-
-    def health_changed(self, server: Server, healthy: bool) -> None:
-        self._emit(
-            "health event",
-            lambda: (
-                None,
-                "",
-                {},
-                self._telemetry.health_transitions,
-                {
-                    GATEWAY_UPSTREAM: server.upstream,
-                    SERVER_ADDRESS: server.host,
-                    SERVER_PORT: server.port,
-                    "gateway.health_check.healthy": healthy,
-                },
-            ),
-        )
-
-    def failover(self, exchange: Exchange, group: str) -> None:
-        self._emit(
-            "failover event",
-            lambda: (
-                exchange.span,
-                "failover",
-                {"gateway.failover.group": group},
-                self._telemetry.failovers,
-                {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.failover.group": group},
-            ),
-        )
-
-    def available_changed(self, upstream: str, available: int) -> None:
-        self._telemetry.available[upstream] = available
-
-
 _VERSION: list[str] = []
 
 
@@ -865,53 +678,3 @@ def _version() -> str:
         except Exception:
             _VERSION.append("0")
     return _VERSION[0]
-
-
-# -- logging -----------------------------------------------------------------------------
-
-_STANDARD_RECORD_KEYS: Final = frozenset(
-    [*logging.LogRecord("", 0, "", 0, "", (), None).__dict__, "message", "asctime", "taskName"]
-)
-
-
-class JsonFormatter(logging.Formatter):
-    """Formats each record as one JSON object per line, with its `extra` fields.
-
-    `{"time": "2025-01-31T12:00:00.123+00:00", "level": "INFO", "logger":
-    "asgi_gateway.access", "message": "...", "route": "/api/users", "status": 200, ...}`.
-    Switch it on for the access log with::
-
-        handler = logging.StreamHandler()
-        handler.setFormatter(asgi_gateway.JsonFormatter())
-        logging.getLogger("asgi_gateway.access").addHandler(handler)
-        logging.getLogger("asgi_gateway.access").setLevel(logging.INFO)
-
-    `fields` limits the extra fields written (all of them by default).
-    """
-
-    def __init__(self, *, fields: Sequence[str] | None = None) -> None:
-        super().__init__()
-        self.fields = tuple(fields) if fields is not None else None
-
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
-                timespec="milliseconds"
-            ),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if self.fields is None:
-            for key, value in record.__dict__.items():
-                if key not in _STANDARD_RECORD_KEYS and key not in data and not key.startswith("_"):
-                    data[key] = value
-        else:
-            for key in self.fields:
-                if key in record.__dict__:
-                    data[key] = record.__dict__[key]
-        if record.exc_info:
-            data["exc_info"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            data["stack_info"] = self.formatStack(record.stack_info)
-        return json.dumps(data, default=str, separators=(",", ":"), ensure_ascii=False)

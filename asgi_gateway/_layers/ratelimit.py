@@ -135,10 +135,12 @@ class RateLimitLayer(Handler):
             raise
         # The gateway's own count replaces whatever limit an upstream reports.
         response_headers = response.headers
-        if any(pair[0] in _HEADER_NAMES for pair in response_headers):
-            response_headers = response.headers = [
-                pair for pair in response_headers if pair[0] not in _HEADER_NAMES
-            ]
+        for name, _ in response_headers:
+            if name in _HEADER_NAMES:
+                response_headers = response.headers = [
+                    pair for pair in response_headers if pair[0] not in _HEADER_NAMES
+                ]
+                break
         response_headers.extend(headers)
         return response
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import random
@@ -12,6 +11,7 @@ from typing import Any, Final
 
 import anyio
 
+from ._edge.ip_rules import AddressSet
 from ._exceptions import ClientDisconnected, GatewayError, UpstreamError, error_response
 from ._loop import CoarseTimer, coarse_timers, running_task
 from ._types import BufferedStream, Handler, Headers, Request
@@ -54,38 +54,26 @@ _ids = random.Random()
 os.register_at_fork(after_in_child=_ids.seed)
 
 
-class TrustedProxies:
-    """Addresses whose X-Forwarded-* headers are believed, parsed once."""
+class TrustedProxies(AddressSet):
+    """Addresses whose X-Forwarded-* headers are believed, parsed once; "*" trusts every peer."""
+
+    __slots__ = ("always",)
 
     def __init__(self, specs: Iterable[str]) -> None:
-        self.always = False
-        self.hosts: set[str] = set()
-        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for spec in specs:
-            if spec == "*":
-                self.always = True
-                continue
-            network = ipaddress.ip_network(spec, strict=False)
-            if network.num_addresses == 1:
-                self.hosts.add(str(network.network_address))
-            else:
-                self.networks.append(network)
+        specs = list(specs)
+        self.always = "*" in specs
+        super().__init__(spec for spec in specs if spec != "*")
 
     def __bool__(self) -> bool:
-        return self.always or bool(self.hosts) or bool(self.networks)
+        return self.always or super().__bool__()
 
-    def __contains__(self, host: str | None) -> bool:
-        if host is None:
+    def __contains__(self, host: object) -> bool:
+        if not isinstance(host, str):
             return False
         if self.always or host in self.hosts:
             return True
-        if not self.networks:
-            return False
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self.networks)
+        # Most peers are not proxies: no address is parsed unless there are networks to check.
+        return bool(self.networks) and super().__contains__(host)
 
     def client_address(self, peer: str | None, forwarded_for: bytes | None) -> str | None:
         """The first address, from the right of the chain, that is not a trusted proxy."""

@@ -287,24 +287,7 @@ def _is_network(spec: object) -> bool:
 
 _RATE_LIMIT_KEY = re.compile(r"^(client_ip|route|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|claim:[^\s]+)$")
 # Headers the gateway or the server in front owns: a claim must never be sent as one of these.
-_RESERVED_HEADERS: Final = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-        "expect",
-        "x-request-id",
-        "authorization",
-        "traceparent",
-        "tracestate",
-    }
-)
+_RESERVED_HEADERS: Final = _RULE_RESERVED_UP | {"authorization"}
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
 
 

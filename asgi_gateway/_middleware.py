@@ -16,9 +16,9 @@ from ._config import GatewayConfig, load_config
 from ._edge.services import EdgeServices
 from ._exceptions import BadRequest, ClientDisconnected, GatewayError, NotFound
 from ._layers.transform import Hooks
-from ._prepare import body_length, prepare, read_body, request_id_from
-from ._proxy import TrustedProxies, relay, sane_request_id, send_error
-from ._routing import Route, Router
+from ._prepare import MAX_HEADER_BYTES, prepare, read_body
+from ._proxy import TrustedProxies, make_request_id, relay, sane_request_id, send_error
+from ._routing import Router
 from ._stack import UpstreamStack, build_route_handlers, build_stacks
 from ._telemetry import Telemetry
 from ._transports.auto import AutoTransport, UserTransport
@@ -172,7 +172,6 @@ class Gateway:
         if self._status_path is not None and raw_path == self._status_path and method in ("GET", "HEAD"):
             await self._send_status(send)
             return
-        # `_match`, written out: this runs for every request.
         host = _host_of(scope) if self._needs_host else None
         try:
             match = self.router.match(method, host, raw_path)
@@ -194,9 +193,13 @@ class Gateway:
         error: BaseException | None = None
         try:
             try:
-                length = body_length(incoming)
-                if length is not None or incoming.transfer_encoding is not None:
-                    request.body = await read_body(receive, incoming, length, route, upstream)
+                # Most requests have no body and a small head: nothing to read or refuse.
+                if (
+                    incoming.content_length is not None
+                    or incoming.transfer_encoding is not None
+                    or incoming.size > MAX_HEADER_BYTES
+                ):
+                    request.body = await read_body(receive, incoming, route, upstream)
             except GatewayError as exc:
                 error = exc
                 # With both framings (RFC 9112 6.3) the bytes after this request cannot be
@@ -229,15 +232,11 @@ class Gateway:
                 raw_path = raw_path[len(root) :] or b"/"
         return raw_path
 
-    def _match(self, scope: Scope, method: str, raw_path: bytes) -> tuple[Route, bytes] | None:
-        """The route `scope` matches and the path to send upstream; raises `BadRequest` (ambiguous)."""
-        host = _host_of(scope) if self._needs_host else None
-        return self.router.match(method, host, raw_path)
-
     async def handle_websocket(self, scope: Scope, receive: Any, send: Any) -> None:
         """Relay a WebSocket session whose handshake matches a route."""
+        host = _host_of(scope) if self._needs_host else None
         try:
-            match = self._match(scope, "GET", self._mount_relative(scope))
+            match = self.router.match("GET", host, self._mount_relative(scope))
         except BadRequest:
             await send({"type": "websocket.close", "code": 1008, "reason": "ambiguous path"})
             return
@@ -280,11 +279,17 @@ def _host_of(scope: Scope) -> str | None:
 
 
 def _request_id_of(scope: Scope) -> str:
-    """The client's X-Request-Id when it is sane, else a new one (off the proxied path)."""
-    for name, value in scope["headers"]:
-        if name == b"x-request-id" and sane_request_id(value):
-            return request_id_from(value)
-    return request_id_from(None)
+    """The client's X-Request-Id when it is sane, else a new one (off the proxied path).
+
+    The last one the client sent, as `prepare` takes it for a proxied request.
+    """
+    value: bytes | None = None
+    for name, header in scope["headers"]:
+        if name == b"x-request-id":
+            value = header
+    if value is not None and sane_request_id(value):
+        return value.decode("ascii")
+    return make_request_id()
 
 
 class GatewayMiddleware:

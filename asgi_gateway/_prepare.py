@@ -3,9 +3,9 @@ and WebSocket handshakes alike.
 
 `prepare` is synchronous, so that it costs no coroutine: the upstream headers (hop-by-hop
 removed, X-Forwarded-* set), the request id, and the `Exchange` and `Request` the layers
-share, with no body yet. The body policy follows for HTTP: `body_length` checks the head's
-size and framing, and only a request that has a body awaits `read_body`. A WebSocket
-handshake has none.
+share, with no body yet. The body policy follows for HTTP: only a request that has a body
+(or a head over `MAX_HEADER_BYTES`) calls `read_body`, which checks the head's size and
+framing first. A WebSocket handshake has none.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ._proxy import IncomingHeaders, TrustedProxies, make_request_id, sane_reque
 from ._routing import Route
 from ._types import Exchange, Request, RequestBody
 
-__all__ = ["body_length", "prepare", "read_body", "request_id_from"]
+__all__ = ["MAX_HEADER_BYTES", "prepare", "read_body"]
 
 ASGIReceive = Any
 
@@ -28,13 +28,6 @@ ASGIReceive = Any
 MAX_HEADER_BYTES: Final = 65536
 # The WebSocket library writes its own handshake headers; the client's would contradict them.
 _WEBSOCKET_OWN: Final = b"sec-websocket-"
-
-
-def request_id_from(value: bytes | None) -> str:
-    """The client's X-Request-Id when it is sane, else a new one."""
-    if value is not None and sane_request_id(value):
-        return value.decode("ascii")
-    return make_request_id()
 
 
 def prepare(
@@ -48,7 +41,7 @@ def prepare(
 ) -> tuple[Request, IncomingHeaders]:
     """The request to send upstream for `scope`, matched to `route` with upstream path `path`.
 
-    Its body is empty: an HTTP request's is read after `body_length`. Also returns the
+    Its body is empty: an HTTP request's is read by `read_body`. Also returns the
     request headers the gateway itself reads.
     """
     client = scope.get("client")
@@ -64,7 +57,6 @@ def prepare(
     )
     if websocket:
         headers = [header for header in headers if not header[0].startswith(_WEBSOCKET_OWN)]
-    # `request_id_from`, written out: this runs for every request.
     sent_id = incoming.request_id
     request_id = (
         sent_id.decode("ascii") if sent_id is not None and sane_request_id(sent_id) else make_request_id()
@@ -91,12 +83,8 @@ def prepare(
     return request, incoming
 
 
-def body_length(incoming: IncomingHeaders) -> int | None:
-    """The request body's Content-Length (None: none given), once the head is found sound.
-
-    Raises `BadRequest` for a head over `MAX_HEADER_BYTES`, an invalid Content-Length, or
-    both Content-Length and Transfer-Encoding.
-    """
+def _body_length(incoming: IncomingHeaders) -> int | None:
+    """The request body's Content-Length (None: none given), once the head is found sound."""
     if incoming.size > MAX_HEADER_BYTES:
         raise BadRequest(f"the request headers are over {MAX_HEADER_BYTES} bytes")
     value = incoming.content_length
@@ -114,7 +102,6 @@ def body_length(incoming: IncomingHeaders) -> int | None:
 def read_body(
     receive: ASGIReceive,
     incoming: IncomingHeaders,
-    length: int | None,
     route: Route,
     upstream: UpstreamConfig,
 ) -> Coroutine[Any, Any, RequestBody]:
@@ -122,25 +109,23 @@ def read_body(
     replay (none when the upstream makes one attempt only) and the rest streams; over the
     route's `max_body_size` is `PayloadTooLarge`.
 
-    Called when the request has a body (`length` or Transfer-Encoding). A plain function
-    handing back the coroutine that reads it: no second one to resume.
+    Raises `BadRequest` at once for a head over `MAX_HEADER_BYTES`, an invalid
+    Content-Length, or both Content-Length and Transfer-Encoding. A plain function handing
+    back the coroutine that reads the body: no second one to resume.
     """
+    length = _body_length(incoming)
     keep = upstream.retry.buffer_limit if upstream.retry.attempts > 1 else 0
-    chunked = incoming.transfer_encoding is not None
-    return _read(receive, length=length, chunked=chunked, keep=keep, limit=route.max_body_size)
+    return _read(receive, length=length, keep=keep, limit=route.max_body_size)
 
 
 async def _read(
     receive: ASGIReceive,
     *,
     length: int | None,
-    chunked: bool,
     keep: int,
     limit: int | None,
 ) -> RequestBody:
     """Up to `keep` bytes are buffered for replay, the rest streams."""
-    if length is None and not chunked:
-        return RequestBody([], None)
     if length is not None and limit is not None and length > limit:
         raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit}")
     if length == 0:

@@ -46,7 +46,6 @@ _REPLACED_DOWN: Final = HOP_BY_HOP | {b"x-request-id", b"date"}
 _REQUEST_ID_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+=/")
 # Statuses whose responses never have a body (RFC 9110 6.4.1).
 _BODILESS: Final = frozenset({*range(100, 200), 204, 304})
-_NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
 
 _ids = random.Random()

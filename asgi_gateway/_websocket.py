@@ -360,9 +360,7 @@ class _Relay:
         self.close_code = code
         self._client_gone = True
         # 1005/1006 say the client closed without a code or vanished; either way it went away.
-        self._upstream_close = (
-            (code, reason) if code in _SENDABLE_CODES or 3000 <= code < 5000 else (1001, "")
-        )
+        self._upstream_close = (code, reason) if _sendable(code) else (1001, "")
 
     def gateway_ends(self, code: int, reason: str, error: UpstreamError | None) -> None:
         if self.closed_by is not None:
@@ -391,7 +389,7 @@ class _Relay:
             self._client_close = (1011, "upstream connection lost")
         else:
             # A close frame without a code (1005) is a normal close.
-            code = rcvd.code if rcvd.code in _SENDABLE_CODES or 3000 <= rcvd.code < 5000 else 1000
+            code = rcvd.code if _sendable(rcvd.code) else 1000
             self.close_code = code
             self._client_close = (code, rcvd.reason if code == rcvd.code else "")
 
@@ -418,6 +416,11 @@ class _Relay:
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await self.connection.recv()
+
+
+def _sendable(code: int) -> bool:
+    """Whether close `code` may go on the wire: a registered one, or one for applications (3000-4999)."""
+    return code in _SENDABLE_CODES or 3000 <= code < 5000
 
 
 def _over(data: str | bytes, limit: int) -> bool:

@@ -665,3 +665,13 @@ def test_typed_max_message_size_is_validated() -> None:
     route = RouteConfig(path="/x", upstream="users", max_message_size=-2)
     with pytest.raises(ConfigError, match=r"routes\[0\]\.max_message_size"):
         GatewayConfig(routes=(route,), upstreams=config.upstreams)
+
+
+def test_header_rules_may_not_name_a_header_the_relay_replaces() -> None:
+    # The relay drops or rewrites these itself; a rule on them would silently do nothing.
+    from asgi_gateway import _proxy
+    from asgi_gateway._config import validation
+
+    assert {name.decode() for name in _proxy.HOP_BY_HOP} == validation._HOP_BY_HOP
+    assert {name.decode() for name in _proxy._REPLACED_UP} <= validation._RULE_RESERVED_UP
+    assert {name.decode() for name in _proxy._REPLACED_DOWN} <= validation._RULE_RESERVED_DOWN

@@ -38,11 +38,27 @@ def one_upstream_config(url: str, **upstream: Any) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def serve_one_upstream(upstreams: Upstreams, transport_kind: str, **upstream: Any) -> Iterator[str]:
+    """A gateway in front of `upstreams.u1`, with `upstream` as that upstream's settings."""
+    config = one_upstream_config(upstreams.u1.url, **upstream)
+    with serve_app(make_host_app(config, **transport_kwargs(transport_kind))) as url:
+        yield url
+
+
+def leave_an_endless_stream(url: str, upstreams: Upstreams, request: bytes) -> None:
+    """Send `request` (to the endless /sse), leave after the first body byte, and wait for the
+    gateway to cancel the upstream's stream."""
+    with RawConnection.to(url) as conn:
+        conn.send(request)
+        response = conn.read_response(max_body=1)
+        assert response.status == 200
+    upstreams.u1.wait_disconnects("sse")
+
+
 @pytest.fixture(scope="module")
 def gateway(upstreams: Upstreams, transport_kind: str) -> Iterator[str]:
-    with serve_app(
-        make_host_app(one_upstream_config(upstreams.u1.url), **transport_kwargs(transport_kind))
-    ) as url:
+    with serve_one_upstream(upstreams, transport_kind) as url:
         yield url
 
 
@@ -233,11 +249,7 @@ def test_client_disconnect_mid_body_while_upstream_hangs(upstreams: Upstreams, g
 
 
 def test_server_sent_events_client_disconnect_cancels_the_stream(upstreams: Upstreams, gateway: str) -> None:
-    with RawConnection.to(gateway) as conn:
-        conn.send(b"GET /sse?n=10&gate=never HTTP/1.1\r\nHost: x\r\n\r\n")
-        response = conn.read_response(max_body=1)
-        assert response.status == 200
-    upstreams.u1.wait_disconnects("sse")
+    leave_an_endless_stream(gateway, upstreams, b"GET /sse?n=10&gate=never HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
 # -- a client that leaves after its streamed body ------------------------------------------
@@ -245,8 +257,7 @@ def test_server_sent_events_client_disconnect_cancels_the_stream(upstreams: Upst
 
 @pytest.fixture(scope="module")
 def single_try_gateway(upstreams: Upstreams, transport_kind: str) -> Iterator[str]:
-    config = one_upstream_config(upstreams.u1.url, retry={"attempts": 1})
-    with serve_app(make_host_app(config, **transport_kwargs(transport_kind))) as url:
+    with serve_one_upstream(upstreams, transport_kind, retry={"attempts": 1}) as url:
         yield url
 
 
@@ -254,11 +265,8 @@ def test_client_leaving_after_a_streamed_body_cancels_the_stream(upstreams: Upst
     # 70,000 bytes are over the default buffer_limit: the body streams up, and the upstream
     # answers with an endless stream once it has read it.
     body = pattern_block(70_000)
-    with RawConnection.to(gateway) as conn:
-        conn.send(b"POST /sse?n=10&gate=never HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n" + body)
-        response = conn.read_response(max_body=1)
-        assert response.status == 200
-    upstreams.u1.wait_disconnects("sse")
+    head = b"POST /sse?n=10&gate=never HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n"
+    leave_an_endless_stream(gateway, upstreams, head + body)
 
 
 def test_client_leaving_after_a_streamed_body_without_retries(
@@ -282,11 +290,11 @@ def test_client_leaving_after_a_streamed_body_without_retries(
 def test_small_body_without_retries_still_notices_the_client_leaving(
     upstreams: Upstreams, single_try_gateway: str
 ) -> None:
-    with RawConnection.to(single_try_gateway) as conn:
-        conn.send(b"POST /sse?n=10&gate=never HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
-        response = conn.read_response(max_body=1)
-        assert response.status == 200
-    upstreams.u1.wait_disconnects("sse")
+    leave_an_endless_stream(
+        single_try_gateway,
+        upstreams,
+        b"POST /sse?n=10&gate=never HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    )
 
 
 # -- timeouts.total starts once the request body is in ----------------------------------------
@@ -294,8 +302,7 @@ def test_small_body_without_retries_still_notices_the_client_leaving(
 
 @pytest.fixture(scope="module")
 def short_total_gateway(upstreams: Upstreams, transport_kind: str) -> Iterator[str]:
-    config = one_upstream_config(upstreams.u1.url, timeouts={"total": 1.0})
-    with serve_app(make_host_app(config, **transport_kwargs(transport_kind))) as url:
+    with serve_one_upstream(upstreams, transport_kind, timeouts={"total": 1.0}) as url:
         yield url
 
 

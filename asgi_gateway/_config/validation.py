@@ -156,40 +156,22 @@ def _check_route(
 
 # -- header rules and rewrites --------------------------------------------------------------
 
+# The hop-by-hop headers, as the relay drops them (`_proxy.HOP_BY_HOP`).
+_HOP_BY_HOP: Final = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+)
 # Headers the gateway itself frames or sets on the way up (the transport sends Host; the
 # telemetry layer sends traceparent); a rule on them would be overridden or contradict them.
-_RULE_RESERVED_UP: Final = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-        "expect",
-        "x-request-id",
-        "traceparent",
-        "tracestate",
-    }
-)
+_RULE_RESERVED_UP: Final = _HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+}
 # ... and on the way back, where the server in front frames the body and adds Date.
-_RULE_RESERVED_DOWN: Final = frozenset(
-    {
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-        "x-request-id",
-        "date",
-    }
-)
+_RULE_RESERVED_DOWN: Final = _HOP_BY_HOP | {"content-length", "x-request-id", "date"}
 _HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
 
 

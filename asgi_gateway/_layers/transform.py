@@ -125,13 +125,14 @@ class _Rules:
             for name, value in getattr(rules, kind).items():
                 header = name.lower().encode("ascii")
                 parts = _compile_value(value, constants, f"{where}.{kind}.{name}")
+                # Adjacent literals are merged: more than one part means a variable among them.
                 first = parts[0] if parts else b""
-                if all(isinstance(part, bytes) for part in parts):
-                    fixed.append((header, b"".join(part for part in parts if isinstance(part, bytes))))
-                elif len(parts) == 1 and not isinstance(first, bytes):
-                    dynamic.append((header, first))
-                else:
+                if len(parts) > 1:
                     dynamic.append((header, parts))
+                elif isinstance(first, bytes):
+                    fixed.append((header, first))
+                else:
+                    dynamic.append((header, first))
         self.fixed = tuple(fixed)
         self.dynamic = tuple(dynamic)
 

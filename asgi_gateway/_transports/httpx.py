@@ -18,11 +18,10 @@ from .._exceptions import (
     UpstreamError,
 )
 from .._types import Request, Response, Transport
+from .http11 import _MAX_HEAD
 
 __all__ = ["HttpxTransport", "map_httpx_error"]
 
-# The built-in pool's limit on a response head's header lines, held here too.
-_MAX_HEAD: Final = 65536
 # Statuses whose responses never have a body (RFC 9112 6.3).
 _BODILESS: Final = frozenset({*range(100, 200), 204, 304})
 

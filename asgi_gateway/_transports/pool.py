@@ -24,7 +24,7 @@ from typing import Any
 from .._exceptions import ConnectError, ConnectionReset, PoolTimeout
 from .._types import Request, Response, Server, Transport, may_resend
 from .connect import connect_errors, connect_socket
-from .http11 import HTTP11Connection, encode_head, framing
+from .http11 import HTTP11Connection, _expire, encode_head, framing
 
 __all__ = ["PoolTransport"]
 
@@ -35,11 +35,6 @@ class _State(enum.Enum):
     UNOPENED = 1
     OPENED = 2
     CLOSED = 3
-
-
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
 
 
 class _HostPool:

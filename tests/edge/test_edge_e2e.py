@@ -229,6 +229,30 @@ def test_jwt_answers_and_claims_to_headers(
     assert upstreams.u1.requests() == 2
 
 
+def test_jwt_audience_and_leeway_through_the_gateway(
+    upstreams: Upstreams, standalone_gateway_factory: GatewayFactory
+) -> None:
+    jwt_config = {"secret": SECRET, "algorithms": ["HS256"], "audience": ["api", "admin"], "leeway": 30}
+    base = standalone_gateway_factory(config(upstreams, {"path": "/api", "auth": {"jwt": jwt_config}}))
+    now = int(time.time())
+    with http_client(base) as client:
+
+        def status(**claims: Any) -> int:
+            bearer = token(SECRET, "HS256", **claims)
+            return client.get("/api/echo", headers={"authorization": f"Bearer {bearer}"}).status_code
+
+        assert status(aud="api") == 200
+        assert status(aud=["other", "admin"]) == 200
+        assert status(aud="other") == 401
+        assert status(aud=None) == 401
+        # Within the 30 s leeway, a token just expired or just not yet valid still passes.
+        assert status(aud="api", exp=now - 10) == 200
+        assert status(aud="api", nbf=now + 10) == 200
+        assert status(aud="api", exp=now - 120) == 401
+        assert status(aud="api", nbf=now + 120) == 401
+    assert upstreams.u1.requests() == 4
+
+
 def test_a_claim_keys_the_rate_limit(
     upstreams: Upstreams, standalone_gateway_factory: GatewayFactory
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -13,7 +13,7 @@ from edge.tokens import SECRET, JwksServer, jwk, pem, token, unsigned
 
 from asgi_gateway import ConfigError
 from asgi_gateway._config import JwtConfig, load_config
-from asgi_gateway._edge.jwt import JwtVerifier, KeyUnknown, TokenRefused, _ttl
+from asgi_gateway._edge.jwt import JwksCache, JwtVerifier, KeyUnknown, TokenRefused, _ttl
 
 pytestmark = pytest.mark.anyio
 
@@ -116,23 +116,22 @@ def test_cache_control_bounds() -> None:
 
 
 @pytest.fixture
-def jwks_server(serve: Callable[..., str]) -> tuple[JwksServer, str]:
+def jwks(serve: Callable[..., str], rsa_keys: Any) -> Iterator[tuple[JwksServer, JwtVerifier, JwksCache]]:
+    """A real JWKS server publishing k1, and a verifier whose cache reads it."""
     state = JwksServer()
-    base = serve(state.app())
+    state.keys = [jwk(rsa_keys[0], "k1")]
+    check = verifier(jwks_url=f"{serve(state.app())}/jwks.json")
+    assert check.jwks is not None
     try:
-        yield state, f"{base}/jwks.json"  # type: ignore[misc]
+        yield state, check, check.jwks
     finally:
         state.hanging.clear()
 
 
 async def test_jwks_rotation_loses_no_valid_request(
-    jwks_server: tuple[JwksServer, str], rsa_keys: Any
+    jwks: tuple[JwksServer, JwtVerifier, JwksCache], rsa_keys: Any
 ) -> None:
-    state, url = jwks_server
-    state.keys = [jwk(rsa_keys[0], "k1")]
-    check = verifier(jwks_url=url)
-    cache = check.jwks
-    assert cache is not None
+    state, check, cache = jwks
     async with httpx.AsyncClient() as client, anyio.create_task_group() as tg:
         await tg.start(cache.run, client)
         assert check.verify(token(rsa_keys[0], kid="k1"))["sub"] == "user-1"
@@ -154,13 +153,9 @@ async def test_jwks_rotation_loses_no_valid_request(
 
 
 async def test_a_hanging_jwks_server_does_not_delay_cached_keys(
-    jwks_server: tuple[JwksServer, str], rsa_keys: Any
+    jwks: tuple[JwksServer, JwtVerifier, JwksCache], rsa_keys: Any
 ) -> None:
-    state, url = jwks_server
-    state.keys = [jwk(rsa_keys[0], "k1")]
-    check = verifier(jwks_url=url)
-    cache = check.jwks
-    assert cache is not None
+    state, check, cache = jwks
     cache.timeout = 1.0
     async with httpx.AsyncClient() as client, anyio.create_task_group() as tg:
         await tg.start(cache.run, client)

@@ -1,22 +1,19 @@
-"""The `asgi-gateway` command: `serve` a config file with uvicorn, or `check` it."""
+"""The `asgi-gateway` command: `serve` a config file with uvicorn, or `check` it.
+
+`serve` itself (reload on SIGHUP or --watch, the drain on SIGTERM, the workers) is in `_serve`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import gc
-import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from ._config import GatewayConfig, load_config
 from ._exceptions import ConfigError
 
 __all__ = ["main"]
-
-_CONFIG_ENV = "ASGI_GATEWAY_CONFIG"
-_LOGGING_ENV = "ASGI_GATEWAY_LOGGING"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +23,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("config", help="path to a .toml, .yaml, .yml or .json config")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes (default: 1); each reloads on SIGHUP"
+    )
+    serve.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload the config when the file changes (needs asgi-gateway[watch])",
+    )
     serve.add_argument(
         "--log-level", default="info", help="log level (default: info: one access line a request)"
     )
@@ -64,41 +68,6 @@ def describe(config: GatewayConfig) -> str:
     return "\n".join(lines)
 
 
-def app_factory() -> Any:
-    """The ASGI app for `serve`, built in each worker from the config path in the environment."""
-    from ._middleware import Gateway
-    from ._otel_setup import configure_from_environment
-
-    _configure_logging(os.environ.get(_LOGGING_ENV, "info:text:on"))
-    providers = configure_from_environment()
-    app = Gateway(os.environ[_CONFIG_ENV], **providers)
-    # What exists now lives as long as the process: keeping it out of the collector's
-    # generations spares the full collections that otherwise show in the tail latency.
-    gc.collect()
-    gc.freeze()
-    return app
-
-
-def _configure_logging(spec: str) -> None:
-    """Send the gateway's own logs (access, health, errors) to stderr, as text or JSON."""
-    level_name, fmt, access = spec.split(":", 2)
-    level = logging.getLevelName(level_name.upper())
-    if not isinstance(level, int):
-        level = logging.INFO
-    handler = logging.StreamHandler()
-    if fmt == "json":
-        from ._telemetry import JsonFormatter
-
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("asgi_gateway")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    logging.getLogger("asgi_gateway.access").setLevel(logging.INFO if access == "on" else logging.WARNING)
-
-
 def _invalid(path: str, exc: ConfigError) -> str:
     """One line for a single error; else a count, then one indented line per error."""
     if len(exc.errors) == 1:
@@ -120,24 +89,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         print("asgi-gateway: 'serve' needs uvicorn: pip install 'asgi-gateway[server]'", file=sys.stderr)
         return 2
-    os.environ[_CONFIG_ENV] = os.path.abspath(args.config)
-    os.environ[_LOGGING_ENV] = f"{args.log_level}:{args.log_format}:{'off' if args.no_access_log else 'on'}"
-    uvicorn.run(
-        "asgi_gateway._cli:app_factory",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        access_log=False,
-        lifespan="on",
-        # The gateway applies `trusted_proxies` itself; uvicorn must not rewrite the client first.
-        proxy_headers=False,
-        # The upstream's Server header is relayed; uvicorn's own would make a second one.
-        server_header=False,
+    if args.watch:
+        try:
+            import watchfiles  # noqa: F401
+        except ImportError:
+            print(
+                "asgi-gateway: '--watch' needs watchfiles: pip install 'asgi-gateway[watch]'", file=sys.stderr
+            )
+            return 2
+    from ._serve import ServeOptions, serve
+
+    return serve(
+        ServeOptions(
+            config_path=os.path.abspath(args.config),
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+            logging=f"{args.log_level}:{args.log_format}:{'off' if args.no_access_log else 'on'}",
+            watch=args.watch,
+        )
     )
-    return 0

@@ -69,6 +69,20 @@ class HealthChecker:
         self._events = events
         self._random = random.Random()
 
+    def set_servers(self, servers: Sequence[Server]) -> None:
+        """Check `servers` from the next round on (the failover layer's `set_servers`).
+
+        A server that stays (the same object) keeps its run of passes or failures; a check
+        already under way on a removed one finishes, and its verdict no longer matters.
+        """
+        probes = {probe.server: probe for probe in self._probes}
+        self._probes = [probes.get(server) or _Probe(server) for server in servers]
+
+    def take_over(self, previous: HealthChecker) -> None:
+        """Carry on `previous`'s runs of passes and failures for the servers both check (a reload)."""
+        probes = {probe.server: probe for probe in previous._probes}
+        self._probes = [probes.get(probe.server) or probe for probe in self._probes]
+
     async def run(self) -> None:
         """Check all servers every `interval` until cancelled. Returns at once without `health_check`."""
         config = self._upstream.health_check

@@ -12,16 +12,19 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ._config import GatewayConfig, load_config
+from ._config import GatewayConfig, load_with_digest
 from ._edge.services import EdgeServices
-from ._exceptions import BadRequest, ClientDisconnected, GatewayError, NotFound
+from ._exceptions import BadRequest, ClientDisconnected, ConfigError, GatewayError, NotFound
 from ._layers.transform import Hooks
 from ._prepare import MAX_HEADER_BYTES, prepare, read_body
-from ._proxy import TrustedProxies, make_request_id, relay, sane_request_id, send_error
+from ._proxy import make_request_id, relay, sane_request_id, send_error
 from ._routing import Router
-from ._stack import UpstreamStack, build_route_handlers, build_stacks
+from ._stack import UpstreamStack
+from ._state import GatewayState, build_state, removed_servers
 from ._telemetry import Telemetry
 from ._transports.auto import AutoTransport, UserTransport
+from ._transports.websocket import CLOSE_TIMEOUT
+from ._types import Handler
 
 __all__ = ["Gateway", "GatewayMiddleware"]
 
@@ -70,21 +73,54 @@ class Gateway:
         app: ASGIApp | None = None,
         hooks: Mapping[str, Hooks] | None = None,
     ) -> None:
-        self.config = load_config(config)
         self.app = app
-        self.router = Router(self.config)
-        self._trusted = TrustedProxies(self.config.trusted_proxies)
-        self._needs_host = any(route.host is not None for route in self.router.routes)
         self.telemetry = Telemetry(tracer_provider, meter_provider)
         self._transport = AutoTransport(transport)
-        self.stacks: Mapping[str, UpstreamStack] = build_stacks(self.config, self._transport, self.telemetry)
-        self.edge = EdgeServices(self.config.redis)
-        #: Each route's handler of HTTP requests and of WebSocket handshakes, by route index.
-        self.route_handlers, self.websocket_handlers = build_route_handlers(
-            self.config, self.stacks, self.telemetry, self.edge, hooks
-        )
-        self._status_path = self.config.status_path.encode() if self.config.status_path else None
+        self._hooks = hooks
+        #: The file `reload()` re-reads, when the gateway was built from one.
+        self.config_path = os.fspath(config) if isinstance(config, str | os.PathLike) else None
+        loaded, digest = load_with_digest(config)
+        self._state: GatewayState = build_state(loaded, digest, self._transport, self.telemetry, hooks)
+        self._last_error: str | None = None
         self._running = 0
+        #: Set by `reload()` while the gateway runs: the new state's background work starts.
+        self._reloaded: anyio.Event | None = None
+        # Graceful drain: requests being proxied, and the WebSocket sessions to close last.
+        self._in_flight = 0
+        self._idle: anyio.Event | None = None
+        self._draining = False
+        self._sessions: set[anyio.CancelScope] = set()
+        self._sessions_ended: anyio.Event | None = None
+
+    # -- the current config's state (a request keeps the one it arrived under) ----------
+
+    @property
+    def config(self) -> GatewayConfig:
+        """The validated configuration now serving."""
+        return self._state.config
+
+    @property
+    def router(self) -> Router:
+        return self._state.router
+
+    @property
+    def stacks(self) -> Mapping[str, UpstreamStack]:
+        """Each upstream's layers, by name."""
+        return self._state.stacks
+
+    @property
+    def route_handlers(self) -> tuple[Handler, ...]:
+        """Each route's handler of HTTP requests, by route index."""
+        return self._state.route_handlers
+
+    @property
+    def websocket_handlers(self) -> tuple[Handler, ...]:
+        """Each route's handler of WebSocket handshakes, by route index."""
+        return self._state.websocket_handlers
+
+    @property
+    def edge(self) -> EdgeServices:
+        return self._state.edge
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -103,21 +139,33 @@ class Gateway:
                     from ._websocket import warn_if_unavailable
 
                     warn_if_unavailable()
-                    for stack in self.stacks.values():
-                        if stack.checker is not None:
-                            tg.start_soon(stack.checker.run, name=f"health check {stack.config.name}")
-                    if self.edge.active:
-                        # The first JWKS fetches (each within its timeout) before serving.
-                        await tg.start(self.edge.run, name="edge protection")
+                    # The first JWKS fetches (each within its timeout) come before serving.
+                    await tg.start(self._run_background, name="gateway background")
                 try:
                     yield
                 finally:
+                    self._reloaded = None
                     tg.cancel_scope.cancel()
         finally:
             self._running -= 1
             if self._running == 0:
                 with anyio.CancelScope(shield=True):
                     await self._transport.aclose()
+
+    async def _run_background(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Run the current state's background work, and each new state's after a reload.
+
+        `reload()` only sets an event: it may be called from a plain callback of the event
+        loop (a signal handler), where no task could be started.
+        """
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._state.run)
+            task_status.started()
+            while True:
+                self._reloaded = anyio.Event()
+                await self._reloaded.wait()
+                # Only the latest: a state replaced before it ran has been stopped anyway.
+                tg.start_soon(self._state.run, name="gateway background")
 
     def lifespan(self, app: object = None) -> contextlib.AbstractAsyncContextManager[None]:
         """For `FastAPI(lifespan=gateway.lifespan)` / `Starlette(lifespan=...)`.
@@ -127,14 +175,117 @@ class Gateway:
         """
         return self.running()
 
-    def status(self) -> dict[str, Any]:
-        """Every upstream's servers and their state, as JSON-able data.
+    def reload(self, config: ConfigSource | None = None) -> None:
+        """Replace the running config with `config` (default: re-read `config_path`).
 
-        `{"upstreams": {name: {"mode": ..., "available": ..., "servers": [...], ...}}}`:
-        the same view `status_path` serves. Each server has its `state` (`healthy`,
-        `unhealthy` or `ejected`), `available`, `in_flight`, ejection and failure counts.
+        The new state is built and validated off to the side, then swapped in at once:
+        requests already routed finish on the config they arrived under (retries
+        included) and WebSocket sessions stay open; new requests see the new routes.
+        Servers that stay (same upstream name and URL) keep their health, ejection state
+        and pooled connections; removed ones take no new requests and their connections
+        close as their last requests end. Call it from the event loop's thread.
+
+        Raises:
+            ConfigError: `config` is invalid (every error, with its key path); nothing
+                changed and the running config keeps serving. `status()["config"]
+                ["last_error"]` says why until the next successful reload.
         """
-        return {"upstreams": {name: stack.status() for name, stack in self.stacks.items()}}
+        source = config if config is not None else self.config_path
+        if source is None:
+            raise ConfigError("", "reload() needs a config: this gateway was not built from a file")
+        old = self._state
+        try:
+            loaded, digest = load_with_digest(source)
+            state = build_state(loaded, digest, self._transport, self.telemetry, self._hooks, previous=old)
+        except ConfigError as exc:
+            self._last_error = str(exc)
+            self.telemetry.config_reloaded("failure")
+            logger.error(
+                "config reload failed; the running config (version %d) keeps serving:\n%s",
+                old.version,
+                exc,
+                extra={"reason": "reload-failed"},
+            )
+            raise
+        self._state = state
+        self._last_error = None
+        if isinstance(source, str | os.PathLike):
+            self.config_path = os.fspath(source)
+        state.edge.take_over()
+        old.stop()
+        self._transport.retire(removed_servers(old, state))
+        if self._reloaded is not None:
+            self._reloaded.set()
+        self.telemetry.config_reloaded("success")
+        logger.info(
+            "config reloaded: version %d (sha256 %s), %d routes, %d upstreams",
+            state.version,
+            state.sha256[:12],
+            len(state.config.routes),
+            len(state.config.upstreams),
+            extra={"reason": "reloaded"},
+        )
+
+    @property
+    def draining(self) -> bool:
+        """Whether draining has begun: `{admin.path}/ready` answers 503 from then on."""
+        return self._draining
+
+    def start_draining(self) -> None:
+        """Fail the readiness check from now on, while still serving everything."""
+        if not self._draining:
+            self._draining = True
+            logger.info("draining: readiness fails from now on", extra={"reason": "draining"})
+
+    async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - a phase of shutdown, not a deadline of the caller's
+        """Wait for the requests in flight (at most `timeout` seconds), then close every
+        WebSocket session with 1001 (going away) and wait for them to end.
+
+        Starts draining if it had not begun. True when everything ended in time.
+        """
+        self.start_draining()
+        finished = True
+        with anyio.move_on_after(timeout) as waited:
+            while self._in_flight:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        if waited.cancelled_caught:
+            finished = False
+            logger.warning(
+                "drain timeout: %d request(s) still in flight after %gs",
+                self._in_flight,
+                timeout,
+                extra={"reason": "drain-timeout"},
+            )
+        if not self._sessions:
+            return finished
+        self._sessions_ended = anyio.Event()
+        logger.info(
+            "draining: closing %d WebSocket session(s) with 1001",
+            len(self._sessions),
+            extra={"reason": "draining"},
+        )
+        for session in list(self._sessions):
+            session.cancel()
+        # Each session closes both ends within its own close timeout; a bound on top of it.
+        with anyio.move_on_after(CLOSE_TIMEOUT + 2.0) as closing:
+            await self._sessions_ended.wait()
+        return finished and not closing.cancelled_caught
+
+    def status(self) -> dict[str, Any]:
+        """Every upstream's servers and their state, and the config's, as JSON-able data.
+
+        `{"upstreams": {name: {"mode": ..., "available": ..., "servers": [...], ...}},
+        "config": {"version", "sha256", "loaded_at", "last_error"}}`: the same view
+        `status_path` serves. Each server has its `state` (`healthy`, `unhealthy` or
+        `ejected`), `available`, `in_flight`, ejection and failure counts.
+        """
+        state = self._state
+        return {
+            "upstreams": {name: stack.status() for name, stack in state.stacks.items()},
+            "config": {**state.config_status(), "last_error": self._last_error},
+            "draining": self._draining,
+        }
 
     # -- ASGI ------------------------------------------------------------------------
 
@@ -167,14 +318,20 @@ class Gateway:
         if scope["type"] != "http":
             await self._not_http(scope, receive, send)
             return
+        # Read once: this request is served by the config it arrived under, to its end.
+        state = self._state
         method: str = scope["method"]
         raw_path = self._mount_relative(scope)
-        if self._status_path is not None and raw_path == self._status_path and method in ("GET", "HEAD"):
+        if state.status_path is not None and raw_path == state.status_path and method in ("GET", "HEAD"):
             await self._send_status(send)
             return
-        host = _host_of(scope) if self._needs_host else None
+        admin = state.admin
+        if admin is not None and admin.handles(raw_path):
+            await admin(scope, send, raw_path, self, _request_id_of(scope))
+            return
+        host = _host_of(scope) if state.needs_host else None
         try:
-            match = self.router.match(method, host, raw_path)
+            match = state.router.match(method, host, raw_path)
         except BadRequest as exc:
             await send_error(send, exc, _request_id_of(scope))
             return
@@ -185,14 +342,22 @@ class Gateway:
                 await send_error(send, NotFound("no route matches this request"), _request_id_of(scope))
             return
         route, path = match
-        upstream = self.stacks[route.upstream].config
-        request, incoming = prepare(scope, route, path, upstream, self._trusted)
+        stack = state.stacks[route.upstream]
+        upstream = stack.config
+        request, incoming = prepare(scope, route, path, upstream, state.trusted)
         exchange = request.exchange
         token = self.telemetry.start(scope, route, exchange)
         status = 500
         error: BaseException | None = None
+        self._in_flight += 1
+        # With `adaptive_concurrency` the request takes its place before its body is read, so
+        # that an overflow is refused without reading (or waiting for) the upload.
+        limit = stack.concurrency
+        held = limit is not None and limit.acquire()
         try:
             try:
+                if limit is not None and not held:
+                    raise limit.refusal()
                 # Most requests have no body and a small head: nothing to read or refuse.
                 if (
                     incoming.content_length is not None
@@ -208,7 +373,7 @@ class Gateway:
                 status = await send_error(send, exc, exchange.request_id, close=ambiguous)
                 return
             status, error = await relay(
-                self.route_handlers[route.index], request, receive, send, request.body.replayable
+                state.route_handlers[route.index], request, receive, send, request.body.replayable
             )
         except ClientDisconnected as exc:
             status, error = 499, exc
@@ -219,6 +384,11 @@ class Gateway:
             if not exchange.committed:
                 status = await send_error(send, GatewayError("internal error"), exchange.request_id)
         finally:
+            if held and limit is not None:
+                limit.release()
+            self._in_flight -= 1
+            if self._idle is not None and not self._in_flight:
+                self._idle.set()
             self.telemetry.finish(token, exchange, status, error)
 
     #: An HTTP request (`GatewayMiddleware` hands them over with this name).
@@ -234,32 +404,49 @@ class Gateway:
 
     async def handle_websocket(self, scope: Scope, receive: Any, send: Any) -> None:
         """Relay a WebSocket session whose handshake matches a route."""
-        host = _host_of(scope) if self._needs_host else None
+        state = self._state
+        raw_path = self._mount_relative(scope)
+        if state.admin is not None and state.admin.handles(raw_path):
+            # Admin paths never reach an upstream or the app, whatever the protocol.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        host = _host_of(scope) if state.needs_host else None
+        from ._websocket import proxy_websocket, refuse_handshake
+
         try:
-            match = self.router.match("GET", host, self._mount_relative(scope))
-        except BadRequest:
-            await send({"type": "websocket.close", "code": 1008, "reason": "ambiguous path"})
+            match = state.router.match("GET", host, raw_path)
+        except BadRequest as exc:
+            await refuse_handshake(scope, send, exc, _request_id_of(scope))
             return
         if match is None:
             if self.app is not None:
                 await self.app(scope, receive, send)
             else:
-                await send({"type": "websocket.close", "code": 1000})
+                await refuse_handshake(
+                    scope, send, NotFound("no route matches this request"), _request_id_of(scope)
+                )
             return
         route, path = match
-        from ._websocket import proxy_websocket
 
-        await proxy_websocket(
-            scope,
-            receive,
-            send,
-            route=route,
-            path=path,
-            upstream=self.stacks[route.upstream].config,
-            handler=self.websocket_handlers[route.index],
-            telemetry=self.telemetry,
-            trusted=self._trusted,
-        )
+        # Drain cancels the session's scope: both ends then hear 1001 (going away).
+        with anyio.CancelScope() as session:
+            self._sessions.add(session)
+            try:
+                await proxy_websocket(
+                    scope,
+                    receive,
+                    send,
+                    route=route,
+                    path=path,
+                    upstream=state.stacks[route.upstream].config,
+                    handler=state.websocket_handlers[route.index],
+                    telemetry=self.telemetry,
+                    trusted=state.trusted,
+                )
+            finally:
+                self._sessions.discard(session)
+                if self._sessions_ended is not None and not self._sessions:
+                    self._sessions_ended.set()
 
     async def _send_status(self, send: Any) -> None:
         body = json.dumps(self.status(), default=str).encode()

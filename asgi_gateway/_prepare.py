@@ -26,8 +26,6 @@ ASGIReceive = Any
 # Request header blocks larger than this are not forwarded. uvicorn's httptools parser sets no
 # limit of its own; 64 KiB is also the largest response head the built-in client accepts.
 MAX_HEADER_BYTES: Final = 65536
-# The WebSocket library writes its own handshake headers; the client's would contradict them.
-_WEBSOCKET_OWN: Final = b"sec-websocket-"
 
 
 def prepare(
@@ -55,8 +53,6 @@ def prepare(
     headers, incoming = upstream_headers(
         scope["headers"], client_host=peer, scheme=scheme, trusted=is_trusted
     )
-    if websocket:
-        headers = [header for header in headers if not header[0].startswith(_WEBSOCKET_OWN)]
     sent_id = incoming.request_id
     request_id = (
         sent_id.decode("ascii") if sent_id is not None and sane_request_id(sent_id) else make_request_id()
@@ -71,6 +67,8 @@ def prepare(
         client_ip=client_ip or "",
         path=path.decode("latin-1"),
         scheme=scheme,
+        peer=peer or "",
+        host=incoming.host,
     )
     request = Request(
         method="GET" if websocket else scope["method"],
@@ -106,7 +104,8 @@ def read_body(
     upstream: UpstreamConfig,
 ) -> Coroutine[Any, Any, RequestBody]:
     """The request body, by the body policy: up to `retry.buffer_limit` bytes are kept for
-    replay (none when the upstream makes one attempt only) and the rest streams; over the
+    replay (none when the upstream makes one attempt only and does not hedge) and the rest
+    streams; over the
     route's `max_body_size` is `PayloadTooLarge`.
 
     Raises `BadRequest` at once for a head over `MAX_HEADER_BYTES`, an invalid
@@ -114,7 +113,8 @@ def read_body(
     back the coroutine that reads the body: no second one to resume.
     """
     length = _body_length(incoming)
-    keep = upstream.retry.buffer_limit if upstream.retry.attempts > 1 else 0
+    # A body is kept for replay when a retry or a hedge may send it again.
+    keep = upstream.retry.buffer_limit if upstream.retry.attempts > 1 or upstream.hedge is not None else 0
     return _read(receive, length=length, keep=keep, limit=route.max_body_size)
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "CLIENT_ADDRESS",
     "DURATION_BUCKETS",
     "ERROR_TYPE",
+    "GATEWAY_HEDGE_CANCELLED",
     "GATEWAY_UPSTREAM",
     "HTTP_REQUEST_METHOD",
     "HTTP_REQUEST_METHOD_ORIGINAL",
@@ -51,6 +52,8 @@ SERVER_PORT: Final = "server.port"
 NETWORK_PEER_ADDRESS: Final = "network.peer.address"
 ERROR_TYPE: Final = "error.type"
 GATEWAY_UPSTREAM: Final = "gateway.upstream"
+#: On a CLIENT span: a hedged try cancelled because another try of its request answered first.
+GATEWAY_HEDGE_CANCELLED: Final = "gateway.hedge.cancelled"
 
 # No semantic conventions exist for WebSocket sessions yet: these are the gateway's own.
 WEBSOCKET_MESSAGES_TO_UPSTREAM: Final = "gateway.websocket.messages.client_to_upstream"

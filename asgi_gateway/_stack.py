@@ -1,18 +1,20 @@
-"""Composes the layers: router → retry → failover/balancer → telemetry → transport."""
+"""Composes the layers: router → retry → hedge → failover/balancer → telemetry → transport."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ._config import GatewayConfig, RouteConfig, UpstreamConfig
 from ._edge.services import EdgeServices
 from ._health import HealthChecker
 from ._layers.balancer import make_balancer
+from ._layers.concurrency import ConcurrencyLayer, GradientController, concurrency_layer
 from ._layers.failover import FailoverLayer
+from ._layers.hedge import hedge_layer
 from ._layers.retry import RetryLayer
 from ._layers.telemetry import TelemetryLayer
 from ._layers.transform import Hooks, route_hooks, transform_layer
@@ -20,12 +22,21 @@ from ._telemetry import Telemetry
 from ._transports.websocket import WebSocketTransport
 from ._types import Handler, Server
 
+if TYPE_CHECKING:
+    from ._discovery import Discovery
+
 __all__ = ["UpstreamStack", "build_route_handlers", "build_stacks", "make_servers"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def make_servers(upstream: UpstreamConfig) -> list[Server]:
+def make_servers(upstream: UpstreamConfig, previous: Sequence[Server] = ()) -> list[Server]:
+    """The servers of `upstream`; one of `previous` with the same URL and address is reused.
+
+    A reused server keeps its live state (health, ejection, in-flight count, pooled
+    connections) and takes the entry's weight, backup flag and position.
+    """
+    known = {(server.url, server.ip): server for server in previous}
     servers = []
     for index, spec in enumerate(upstream.servers):
         parts = urlsplit(spec.url)
@@ -35,9 +46,17 @@ def make_servers(upstream: UpstreamConfig) -> list[Server]:
         netloc = f"[{host}]" if ":" in host else host
         if port != _DEFAULT_PORTS[scheme]:
             netloc = f"{netloc}:{port}"
+        url = f"{scheme}://{netloc}"
+        server = known.pop((url, None), None)
+        if server is not None:
+            server.weight = spec.weight
+            server.backup = spec.backup
+            server.index = index
+            servers.append(server)
+            continue
         servers.append(
             Server(
-                url=f"{scheme}://{netloc}",
+                url=url,
                 scheme=scheme,
                 host=host,
                 port=port,
@@ -65,9 +84,23 @@ class UpstreamStack:
     websocket: Handler
     failover: FailoverLayer
     checker: HealthChecker | None
+    #: DNS discovery (None without `discovery`): keeps `servers` what the names resolve to.
+    discovery: Discovery | None = None
+    #: The adaptive concurrency limit (None without `adaptive_concurrency`): the gateway takes
+    #: a request's place in it before reading the body.
+    concurrency: GradientController | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.handler, ConcurrencyLayer):
+            self.concurrency = self.handler.controller
 
     def status(self) -> dict[str, Any]:
-        return self.failover.status()
+        status = self.failover.status()
+        if self.discovery is not None:
+            status.update(self.discovery.status())
+        if self.concurrency is not None:
+            status["adaptive_concurrency"] = self.concurrency.status()
+        return status
 
 
 def build_stacks(
@@ -75,29 +108,51 @@ def build_stacks(
     transport: Handler,
     telemetry: Telemetry,
     websocket_transport: Handler | None = None,
+    *,
+    previous: Mapping[str, UpstreamStack] | None = None,
 ) -> Mapping[str, UpstreamStack]:
     """The whole request path of every upstream, composed here and nowhere else.
 
-    HTTP: retry → failover/balancer → telemetry → `transport`. WebSocket handshakes: the
-    same layers over `websocket_transport` (default: the `websockets` client), sharing
-    the failover layer's servers and the retry budget; they do not count against
-    `max_concurrent_requests`, and their CLIENT span ends with the handshake.
+    HTTP: adaptive concurrency (with `adaptive_concurrency` only) → retry → hedge (with
+    `hedge` only) → failover/balancer → telemetry → `transport`.
+    WebSocket handshakes, never hedged: the same layers over `websocket_transport` (default:
+    the `websockets` client), sharing the failover layer's servers and the retry budget;
+    they do not count against `max_concurrent_requests` (nor the adaptive limit), and their
+    CLIENT span ends with the handshake.
+
+    `previous` are the stacks of the config being replaced: an upstream of the same name
+    reuses their servers that stay (`make_servers`, or its discovery's), their outlier
+    detection history and their health checks' runs of passes and failures.
     """
     events = telemetry.events
     wire = TelemetryLayer(transport, telemetry)
     upgrades = TelemetryLayer(websocket_transport or WebSocketTransport(), telemetry, ends_at_head=True)
     stacks: dict[str, UpstreamStack] = {}
     for name, upstream in config.upstreams.items():
-        servers = make_servers(upstream)
+        before = previous.get(name) if previous is not None else None
+        servers = make_servers(upstream, before.servers if before is not None else ())
         failover = FailoverLayer(upstream, servers, make_balancer(upstream), wire, events)
         handler = RetryLayer(upstream, failover, events)
+        handler.inner = hedge_layer(upstream, failover, handler.budget, events)
         websocket = RetryLayer(
             upstream, failover.over(upgrades), events, budget=handler.budget, limit_concurrency=False
         )
+        http = concurrency_layer(upstream, handler, telemetry.concurrency_limits)
         checker = None
         if upstream.health_check is not None:
             checker = HealthChecker(upstream, servers, transport, failover.refresh, events)
-        stacks[name] = UpstreamStack(upstream, servers, handler, websocket, failover, checker)
+        discovery = None
+        if upstream.discovery is not None:
+            from ._discovery import Discovery
+
+            discovery = Discovery(upstream, servers, failover, checker, getattr(transport, "retire", None))
+            if before is not None and before.discovery is not None:
+                discovery.take_over(before.discovery)
+        elif before is not None:
+            failover.take_over(before.failover)
+            if checker is not None and before.checker is not None:
+                checker.take_over(before.checker)
+        stacks[name] = UpstreamStack(upstream, servers, http, websocket, failover, checker, discovery)
     return stacks
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterable
 from contextvars import Token
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
         UpDownCounter,
     )
     from opentelemetry.trace import Span, Tracer, TracerProvider
+
+    from ._layers.concurrency import GradientController
 
 try:
     from opentelemetry.metrics._internal import _ProxyMeterProvider
@@ -198,13 +201,20 @@ class Telemetry:
         self.budget_exhausted: Counter | None = None
         self.ejections: Counter | None = None
         self.failovers: Counter | None = None
+        self.hedges: Counter | None = None
         self.health_transitions: Counter | None = None
         self.rate_limit_decisions: Counter | None = None
+        self.config_reloads: Counter | None = None
         #: The meter the instruments above came from (None while metrics are off).
         self._meter: Meter | None = None
         self._websocket_sessions: UpDownCounter | None = None
         #: Latest count of available servers per upstream, for the observable gauge.
         self.available: dict[str, int] = {}
+        #: Each upstream's adaptive concurrency limit, for its gauge; held weakly, so a limit
+        #: of an upstream a reload removed is gone with its stack.
+        self.concurrency_limits: weakref.WeakValueDictionary[str, GradientController] = (
+            weakref.WeakValueDictionary()
+        )
         self._names: dict[tuple[str, str], str] = {}
         self._propagation = _Propagation(propagate.get_global_textmap())
         #: While the global providers are the API's proxies, when to look at them again.
@@ -291,6 +301,11 @@ class Telemetry:
             unit="{request}",
             description="Requests sent to backup servers (or in panic mode) instead of primaries.",
         )
+        self.hedges = meter.create_counter(
+            "gateway.hedges",
+            unit="{request}",
+            description="Hedged requests by result: won, lost, skipped_budget.",
+        )
         self.health_transitions = meter.create_counter(
             "gateway.health_check.transitions",
             unit="{transition}",
@@ -301,17 +316,44 @@ class Telemetry:
             unit="{request}",
             description="Rate-limit decisions by route and result: allowed, limited, shadow, backend_error.",
         )
+        self.config_reloads = meter.create_counter(
+            "gateway.config.reloads",
+            unit="{reload}",
+            description="Config reloads by result: success, failure.",
+        )
         meter.create_observable_gauge(
             "gateway.upstream.available_servers",
             callbacks=[self._observe_available],
             unit="{server}",
             description="Servers of an upstream available to take traffic.",
         )
+        meter.create_observable_gauge(
+            "gateway.concurrency.limit",
+            callbacks=[self._observe_concurrency_limits],
+            unit="{request}",
+            description="The adaptive concurrency limit of an upstream: requests allowed in flight.",
+        )
 
     def _observe_available(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
         return [Observation(count, {GATEWAY_UPSTREAM: name}) for name, count in list(self.available.items())]
+
+    def _observe_concurrency_limits(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        limits = list(self.concurrency_limits.items())
+        return [Observation(limit.limit, {GATEWAY_UPSTREAM: name}) for name, limit in limits]
+
+    def config_reloaded(self, result: str) -> None:
+        """Count a config reload by `result` (success, failure)."""
+        if not self._resolved:
+            self._resolve()
+        try:
+            if self.config_reloads is not None:
+                self.config_reloads.add(1, {"result": result})
+        except Exception as exc:
+            self.report("reload metric", exc)
 
     def report(self, where: str, exc: BaseException) -> None:
         """Log a telemetry failure without failing the request, at most once a minute per `where`."""

@@ -22,6 +22,7 @@ class _Instruments(Protocol):
     budget_exhausted: Counter | None
     ejections: Counter | None
     failovers: Counter | None
+    hedges: Counter | None
     health_transitions: Counter | None
     available: dict[str, int]
 
@@ -76,6 +77,30 @@ class TelemetryEvents(GatewayEvents):
                 {"gateway.retry.reason": reason},
                 self._telemetry.budget_exhausted,
                 {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.retry.reason": reason},
+            ),
+        )
+
+    def hedge(self, exchange: Exchange, attempt: int, delay: float) -> None:
+        self._emit(
+            "hedge event",
+            lambda: (
+                exchange.span,
+                "hedge",
+                {"gateway.attempt": attempt, "gateway.hedge.delay": delay},
+                None,
+                {},
+            ),
+        )
+
+    def hedge_result(self, exchange: Exchange, result: str) -> None:
+        self._emit(
+            "hedge result event",
+            lambda: (
+                exchange.span,
+                "hedge_result",
+                {"gateway.hedge.result": result},
+                self._telemetry.hedges,
+                {GATEWAY_UPSTREAM: exchange.upstream.name, "gateway.hedge.result": result},
             ),
         )
 

@@ -163,6 +163,9 @@ class Server:
 
     `url`, `weight` and `backup` come from its `ServerConfig`; `scheme`, `host` and
     `port` are the URL's parts, and `index` its position in the upstream's `servers`.
+    `host` is the server's name: the Host header and TLS SNI. `ip` is set when DNS
+    discovery found the server: one of the addresses of `host`, which connections go
+    to; without it connections go to `host`, resolved when they are made.
     """
 
     url: str
@@ -184,14 +187,24 @@ class Server:
     ejections: int = 0
     consecutive_failures: int = 0
     recent_failures: int = 0
+    #: The IP address connections go to (DNS discovery); None: `host`.
+    ip: str | None = None
+    #: Set by `PoolTransport.retire`: gone from its upstream, its connections are no longer kept.
+    retired: bool = False
+
+    @property
+    def connect_host(self) -> str:
+        """Where connections go: `ip` if known, else `host`."""
+        return self.ip or self.host
 
     @property
     def address(self) -> str:
-        """`host:port`."""
-        return f"{self.host}:{self.port}"
+        """`connect_host:port`, an IPv6 address in brackets: `10.0.0.7:8000`, `[fd00::7]:8000`."""
+        host = self.ip or self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def __repr__(self) -> str:
-        return f"Server({self.url!r})"
+        return f"Server({self.url!r})" if self.ip is None else f"Server({self.url!r}, ip={self.ip!r})"
 
 
 @dataclass(slots=True, eq=False)
@@ -204,6 +217,11 @@ class Exchange:
     client_ip: str
     path: str
     scheme: str
+    #: The connection's peer address: the client, or the trusted proxy in front of it
+    #: (`client_ip` is the client, after `trusted_proxies`). Empty when the server gave none.
+    peer: str = ""
+    #: The Host header as the gateway received it (None: the request had none).
+    host: bytes | None = None
     #: Servers already tried, in order.
     tried: list[Server] = field(default_factory=list)
     #: Attempts made so far (1 during the first attempt).
@@ -233,7 +251,8 @@ class Request:
     `host` when set (preserve_host) or the server's own, and frames `body` itself.
     The failover layer sets `server` for each attempt; `connect_timeout` and
     `read_timeout` are the upstream's `timeouts` for this try. `upgrade` is set on a
-    WebSocket handshake: what its transport needs besides.
+    WebSocket handshake: what its transport needs besides. `superseded` is set on a hedged
+    try that another try of the same request outran, as it is cancelled.
     """
 
     method: str
@@ -246,6 +265,7 @@ class Request:
     connect_timeout: float | None = None
     read_timeout: float | None = None
     upgrade: WebSocketUpgrade | None = None
+    superseded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +377,13 @@ class GatewayEvents:
 
     def retry_budget_exhausted(self, exchange: Exchange, reason: str) -> None:
         """A retry was wanted for `reason` but the retry budget refused it."""
+
+    def hedge(self, exchange: Exchange, attempt: int, delay: float) -> None:
+        """Attempt number `attempt` starts beside those still waiting, `delay` seconds after the last."""
+
+    def hedge_result(self, exchange: Exchange, result: str) -> None:
+        """A hedged request ended its race: "won" (a hedge answered first), "lost" (the first
+        try did) or "skipped_budget" (a hedge was due but the retry budget refused it)."""
 
     def ejected(self, server: Server, duration: float, exchange: Exchange | None) -> None:
         """Outlier detection ejected `server` for `duration` seconds."""

@@ -9,8 +9,8 @@ and 502/503/504 refusals go to another server within `retry.attempts` and
 once an upstream has accepted, with the subprotocol that upstream chose. When nothing
 accepts, the client is refused: with the gateway's JSON error (403, 401, 429 from the
 edge layers; 502/503/504) or the upstream's own refusal (401, 403, ...) where the server
-in front supports the "websocket.http.response" extension, else with a close (1008 for a
-refusal of the client's request, 1014 for gateway errors), which servers send as a 403.
+in front supports the "websocket.http.response" extension, else with a close whose code
+follows the status (`_close_code`: 1008, 1011, 1013 or 1014), which servers send as a 403.
 
 This module keeps the session's own part: the message pump and the answers to the client.
 
@@ -46,7 +46,13 @@ if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
     from websockets.exceptions import ConnectionClosed
 
-__all__ = ["CLOSE_TIMEOUT", "proxy_websocket", "unavailable_reason", "warn_if_unavailable"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "proxy_websocket",
+    "refuse_handshake",
+    "unavailable_reason",
+    "warn_if_unavailable",
+]
 
 logger = logging.getLogger("asgi_gateway")
 
@@ -457,11 +463,25 @@ async def _refuse_with_error(scope: dict[str, Any], send: Any, exc: GatewayError
 
 
 def _close_code(status: int) -> int:
-    """The close that refuses a handshake in place of an HTTP answer of `status`."""
-    if status in (502, 503, 504):
-        return 1014
-    # A refusal of the client's own request (IP rules, auth, rate limit): a policy violation.
-    return 1008 if 400 <= status < 500 else 1011
+    """The close that refuses a handshake in place of an HTTP answer of `status`, whoever
+    made that answer (the gateway, a hook or the upstream); RFC 6455 7.4.1 and IANA's registry.
+
+    503 is 1013 (try again later): nothing is available now, as its Retry-After says. 502
+    and 504, an upstream that failed or did not answer, are 1014 (bad gateway). Any other
+    5xx is 1011 (internal error). Everything else refuses the client's request as it is
+    (IP rules, auth, rate limit, an upstream's 403 or redirect): 1008 (policy violation),
+    the generic refusal.
+    """
+    if status >= 500:
+        if status == 503:
+            return 1013
+        return 1014 if status in (502, 504) else 1011
+    return 1008
+
+
+async def refuse_handshake(scope: dict[str, Any], send: Any, exc: GatewayError, request_id: str) -> int:
+    """Refuse a WebSocket handshake with `exc`: its JSON error, else a close by `_close_code`."""
+    return await _refuse_with_error(scope, send, exc, request_id)
 
 
 async def _refuse_with_response(
@@ -478,7 +498,7 @@ async def _refuse_with_response(
                 await send({"type": "websocket.http.response.body", "body": chunk, "more_body": True})
             await send({"type": "websocket.http.response.body", "body": b""})
         else:
-            await send({"type": "websocket.close", "code": 1014 if response.status >= 500 else 1008})
+            await send({"type": "websocket.close", "code": _close_code(response.status)})
     except OSError:
         pass
 

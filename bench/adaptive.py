@@ -302,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per run at most")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    parser.add_argument(
+        "--scenario", choices=("slow", "stalls", "overload"), default="slow", help="what to run"
+    )
     args = parser.parse_args(argv)
     if args.requests is None:
         args.requests = 400 if args.quick else 3000
@@ -310,6 +313,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The children find asgi_gateway as this process does (a checkout without installing it).
     root = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    if args.scenario == "overload":
+        import adaptive_overload
+
+        flags = ["--quick"] * args.quick + ["--json"] * args.json
+        return adaptive_overload.main([*flags, "--seed", str(args.seed)])
+    if args.scenario == "stalls":
+        import adaptive_stalls
+
+        return adaptive_stalls.main(args)
     results = [run_one(scenario, kind, slow, args, args.seed) for scenario, kind, slow in RUNS]
     if args.json:
         for result in results:

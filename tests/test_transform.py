@@ -612,6 +612,41 @@ def test_a_trusted_proxys_chain_is_appended_to(trusted: str) -> None:
     ]
 
 
+def test_an_untrusted_client_cannot_spoof_forwarded_with_x_forwarded_headers(untrusted: str) -> None:
+    response = send(
+        untrusted,
+        "/fwd/echo",
+        ("X-Forwarded-For", "198.51.100.1, 203.0.113.7"),
+        ("X-Forwarded-Host", "evil.example"),
+        ("X-Forwarded-Proto", "https"),
+        ("Forwarded", "for=198.51.100.1;proto=https;host=evil.example"),
+        host="a.example",
+    )
+    assert forwarded(response) == ["for=127.0.0.1;proto=http;host=a.example"]
+
+
+def test_behind_a_trusted_proxy_the_gateways_element_describes_its_own_hop(trusted: str) -> None:
+    # The proxy rewrote Host to an internal name and says the client's in its own element (and
+    # in X-Forwarded-*): the gateway's element names the Host it received, the proxy's address
+    # and the scheme of that connection (RFC 7239 5.3: each hop's "host" is the one it got).
+    response = send(
+        trusted,
+        "/fwd/echo",
+        ("X-Forwarded-For", "192.0.2.60"),
+        ("X-Forwarded-Host", "shop.example"),
+        ("X-Forwarded-Proto", "https"),
+        ("Forwarded", "for=192.0.2.60;proto=https;host=shop.example"),
+        host="gateway.internal:8080",
+    )
+    assert forwarded(response) == [
+        'for=192.0.2.60;proto=https;host=shop.example, for=127.0.0.1;proto=http;host="gateway.internal:8080"'
+    ]
+    # The X-Forwarded-* headers still carry the proxy's claims on.
+    got = seen(response)
+    assert values(got, "x-forwarded-host") == ["shop.example"]
+    assert values(got, "x-forwarded-for") == ["192.0.2.60, 127.0.0.1"]
+
+
 def test_forwarded_off_keeps_todays_behaviour(untrusted: str, trusted: str) -> None:
     chain = "for=192.0.2.60;proto=https"
     # Off on the route: a trusted proxy's passes as it is, an untrusted client's goes.

@@ -826,6 +826,59 @@ async def test_without_the_http_response_extension_an_edge_refusal_is_a_close_wi
     assert client.sent == [{"type": "websocket.close", "code": 1008}]
 
 
+@pytest.mark.parametrize(("status", "code"), [(403, 1008), (307, 1008), (500, 1011), (503, 1013)])
+async def test_without_the_http_response_extension_an_upstreams_refusal_closes_by_the_one_rule(
+    wa: WsUpstream, status: int, code: int
+) -> None:
+    from asgi_gateway import Gateway
+
+    # Retries only on 502/503/504, so the 503 is the last of three: the upstream's refusal each time.
+    gw = Gateway(config(wa.url))
+    client = _FakeClient()
+    client.scope["query_string"] = f"id={session_id()}&refuse={status}".encode()
+    await gw(client.scope, client.receive, client.send)
+    assert client.sent == [{"type": "websocket.close", "code": code}]
+    assert wa.handshakes() == (3 if status == 503 else 1)
+
+
+async def test_without_the_http_response_extension_nothing_available_closes_with_1013() -> None:
+    from asgi_gateway import Gateway
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    gw = Gateway(config(dead, retry={"attempts": 1}, outlier_detection={"consecutive_failures": 1}))
+    codes = []
+    for _ in range(2):
+        client = _FakeClient()
+        await gw(client.scope, client.receive, client.send)
+        codes.append(client.sent)
+    # The connect failure ejects the only server (502: bad gateway); then nothing is available
+    # (503 upstream_unavailable, with Retry-After: try again later).
+    assert codes == [[{"type": "websocket.close", "code": 1014}], [{"type": "websocket.close", "code": 1013}]]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "error"),
+    [("/elsewhere", 404, "not_found"), ("no-slash", 400, "bad_request")],
+)
+async def test_a_mounted_gateway_refuses_unroutable_handshakes_as_it_refuses_requests(
+    path: str, status: int, error: str
+) -> None:
+    from asgi_gateway import Gateway
+
+    gw = Gateway(config(f"http://127.0.0.1:{free_port()}"))
+    for extensions in ({"websocket.http.response": {}}, None):
+        client = _FakeClient(extensions)
+        client.scope["path"] = path
+        client.scope["raw_path"] = path.encode()
+        await gw(client.scope, client.receive, client.send)
+        if extensions is None:
+            assert client.sent == [{"type": "websocket.close", "code": 1008}]
+        else:
+            start, body = client.sent
+            assert start["status"] == status
+            assert json.loads(body["body"])["error"] == error
+
+
 async def test_with_the_library_nothing_is_logged_at_start_up(caplog: pytest.LogCaptureFixture) -> None:
     from asgi_gateway._websocket import warn_if_unavailable
 

@@ -13,13 +13,18 @@ from typing import Literal as Literal
 
 from .load import from_mapping as from_mapping
 from .load import load_config
+from .load import load_with_digest as load_with_digest
 from .models import (
     BALANCERS,
     JWT_ALGORITHMS,
     RETRY_CONDITIONS,
+    AdaptiveConcurrencyConfig,
+    AdminConfig,
     AuthConfig,
+    DiscoveryConfig,
     HeaderRulesConfig,
     HealthCheckConfig,
+    HedgeConfig,
     JwtConfig,
     OutlierDetectionConfig,
     RateLimitConfig,
@@ -47,10 +52,14 @@ __all__ = [
     "BALANCERS",
     "JWT_ALGORITHMS",
     "RETRY_CONDITIONS",
+    "AdaptiveConcurrencyConfig",
+    "AdminConfig",
     "AuthConfig",
+    "DiscoveryConfig",
     "GatewayConfig",
     "HeaderRulesConfig",
     "HealthCheckConfig",
+    "HedgeConfig",
     "JwtConfig",
     "OutlierDetectionConfig",
     "RateLimitConfig",

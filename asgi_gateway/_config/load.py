@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -9,9 +11,13 @@ from typing import Any
 from .._exceptions import ConfigError
 from .models import (
     INHERIT,
+    AdaptiveConcurrencyConfig,
+    AdminConfig,
     AuthConfig,
+    DiscoveryConfig,
     HeaderRulesConfig,
     HealthCheckConfig,
+    HedgeConfig,
     JwtConfig,
     OutlierDetectionConfig,
     RateLimitConfig,
@@ -24,8 +30,15 @@ from .models import (
     UpstreamConfig,
     _Inherit,
 )
-from .reader import _Errors, _optional_section, _read_file, _Reader
-from .validation import GatewayConfig, _check_redis, _check_route, _check_settings, _check_upstream
+from .reader import _Errors, _file_bytes, _optional_section, _parse_file, _read_file, _Reader
+from .validation import (
+    GatewayConfig,
+    _check_lifecycle,
+    _check_redis,
+    _check_route,
+    _check_settings,
+    _check_upstream,
+)
 
 
 def load_config(source: GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]) -> GatewayConfig:
@@ -55,6 +68,26 @@ def load_config(source: GatewayConfig | Mapping[str, Any] | str | os.PathLike[st
     )
 
 
+def load_with_digest(
+    source: GatewayConfig | Mapping[str, Any] | str | os.PathLike[str],
+) -> tuple[GatewayConfig, str]:
+    """`load_config(source)`, and the SHA-256 (hex) of what it was loaded from.
+
+    A file's digest is of its bytes, read once (a file replaced meanwhile cannot give the
+    config of one version and the digest of another); a mapping's is of its canonical JSON.
+    """
+    if isinstance(source, str | os.PathLike):
+        path = os.fspath(source)
+        raw = _file_bytes(path)
+        return from_mapping(_parse_file(path, raw)), hashlib.sha256(raw).hexdigest()
+    config = load_config(source)
+    if isinstance(source, GatewayConfig):
+        text = repr(source)
+    else:
+        text = json.dumps(source, sort_keys=True, default=repr, separators=(",", ":"))
+    return config, hashlib.sha256(text.encode()).hexdigest()
+
+
 def from_mapping(data: Any) -> GatewayConfig:
     """Build a `GatewayConfig` from plain data (the schema of DESIGN.md).
 
@@ -76,6 +109,9 @@ def from_mapping(data: Any) -> GatewayConfig:
             "max_message_size",
             "redis",
             "forwarded",
+            "drain_timeout",
+            "drain_delay",
+            "admin",
         ),
         errors,
         GatewayConfig,
@@ -124,6 +160,10 @@ def from_mapping(data: Any) -> GatewayConfig:
         status_path,
         errors,
     )
+    drain_timeout = top.number("drain_timeout", strict=False)
+    drain_delay = top.number("drain_delay", strict=False)
+    admin = _admin(top)
+    _check_lifecycle(drain_timeout, drain_delay, admin, errors)
     errors.raise_any()
     return GatewayConfig(
         routes=tuple(routes),
@@ -135,6 +175,22 @@ def from_mapping(data: Any) -> GatewayConfig:
         max_message_size=max_message_size if isinstance(max_message_size, int) else None,
         redis=redis,
         forwarded=forwarded,
+        drain_timeout=drain_timeout,
+        drain_delay=drain_delay,
+        admin=admin,
+    )
+
+
+def _admin(top: _Reader) -> AdminConfig:
+    enabled, data = _optional_section(top, "admin", True)
+    if not enabled:
+        return AdminConfig()
+    reader = _Reader(data, "admin", ("path", "token", "allow_ips"), top.errors, AdminConfig)
+    allow = _addresses(reader, "allow_ips")
+    return AdminConfig(
+        path=reader.string("path"),
+        token=reader.string("token"),
+        allow_ips=allow if allow is not None else AdminConfig().allow_ips,
     )
 
 
@@ -368,6 +424,9 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
             "outlier_detection",
             "retry",
             "timeouts",
+            "hedge",
+            "adaptive_concurrency",
+            "discovery",
             "max_concurrent_requests",
             "panic",
         ),
@@ -467,6 +526,13 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
         read=timeouts_reader.number("read"),
         total=timeouts_reader.number("total"),
     )
+
+    hedge_on, hedge_data = _optional_section(reader, "hedge", False)
+    hedge = None
+    if hedge_on:
+        hedge_reader = _Reader(hedge_data, reader.where("hedge"), ("delay", "max_extra"), errors, HedgeConfig)
+        hedge = HedgeConfig(delay=hedge_reader.number("delay"), max_extra=hedge_reader.integer("max_extra"))
+    adaptive = _adaptive_concurrency(reader)
     return UpstreamConfig(
         name=name,
         servers=tuple(servers),
@@ -476,6 +542,74 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
         outlier_detection=outlier,
         retry=retry,
         timeouts=timeouts,
+        hedge=hedge,
+        adaptive_concurrency=adaptive,
+        discovery=_discovery(reader),
         max_concurrent_requests=reader.integer("max_concurrent_requests"),
         panic=reader.boolean("panic"),
+    )
+
+
+def _discovery(upstream: _Reader) -> DiscoveryConfig | None:
+    enabled, data = _optional_section(upstream, "discovery", False)
+    if not enabled:
+        return None
+    reader = _Reader(
+        data,
+        upstream.where("discovery"),
+        ("type", "interval", "respect_ttl", "nameservers"),
+        upstream.errors,
+        DiscoveryConfig,
+    )
+    nameservers = reader.raw("nameservers")
+    if nameservers is not None and (
+        not isinstance(nameservers, list) or not all(isinstance(item, str) for item in nameservers)
+    ):
+        upstream.errors.add(
+            reader.where("nameservers"), f"{nameservers!r} is not a list of ip[:port] strings"
+        )
+        nameservers = None
+    # The values are checked in _check_upstream(), so that a config built in Python is checked alike.
+    return DiscoveryConfig(
+        type=reader.string("type"),  # type: ignore[arg-type]  # checked in _check_upstream()
+        interval=reader.number("interval"),
+        respect_ttl=reader.boolean("respect_ttl"),
+        nameservers=tuple(nameservers) if nameservers is not None else None,
+    )
+
+
+def _adaptive_concurrency(upstream: _Reader) -> AdaptiveConcurrencyConfig | None:
+    enabled, data = _optional_section(upstream, "adaptive_concurrency", False)
+    if not enabled:
+        return None
+    reader = _Reader(
+        data,
+        upstream.where("adaptive_concurrency"),
+        (
+            "initial_limit",
+            "min_limit",
+            "max_limit",
+            "interval",
+            "sample_percentile",
+            "buffer",
+            "min_rtt_interval",
+            "min_rtt_samples",
+            "jitter",
+        ),
+        upstream.errors,
+        AdaptiveConcurrencyConfig,
+    )
+    # Only the types are read here; the bounds are checked in _check_upstream(), so that a
+    # config built in Python is checked alike.
+    lowest = -float("inf")
+    return AdaptiveConcurrencyConfig(
+        initial_limit=reader.integer("initial_limit", minimum=-(2**63)),
+        min_limit=reader.integer("min_limit", minimum=-(2**63)),
+        max_limit=reader.integer("max_limit", minimum=-(2**63)),
+        interval=reader.number("interval", minimum=lowest, strict=False),
+        sample_percentile=reader.number("sample_percentile", minimum=lowest, strict=False),
+        buffer=reader.number("buffer", minimum=lowest, strict=False),
+        min_rtt_interval=reader.number("min_rtt_interval", minimum=lowest, strict=False),
+        min_rtt_samples=reader.integer("min_rtt_samples", minimum=-(2**63)),
+        jitter=reader.number("jitter", minimum=lowest, strict=False),
     )

@@ -121,6 +121,58 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HedgeConfig:
+    """Hedged requests of an upstream: `upstreams.<name>.hedge`.
+
+    After `delay` seconds without a response head, one more try of the same request goes to
+    another server, up to `max_extra` more; the first head wins.
+    """
+
+    delay: float = 0.05
+    max_extra: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveConcurrencyConfig:
+    """A concurrency limit that follows latency: `upstreams.<name>.adaptive_concurrency`.
+
+    A gradient controller, as Envoy's adaptive concurrency filter: every `interval` seconds
+    the `sample_percentile` of the latencies measured is compared with the minimum latency,
+    `limit = gradient * limit + sqrt(gradient * limit)` with `gradient = (1 + buffer) *
+    min_rtt / sample_rtt` clamped to 0.5 to 2, held within `min_limit` and `max_limit`. The
+    minimum is measured first and again every `min_rtt_interval` seconds (plus up to
+    `jitter` of it), over `min_rtt_samples` requests sent while the limit is `min_limit`.
+    """
+
+    initial_limit: int = 20
+    min_limit: int = 3
+    max_limit: int = 1000
+    interval: float = 0.1
+    sample_percentile: float = 50
+    buffer: float = 0.25
+    min_rtt_interval: float = 60.0
+    min_rtt_samples: int = 25
+    jitter: float = 0.15
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """Finding an upstream's servers in DNS: `upstreams.<name>.discovery`.
+
+    Each server entry's host name is resolved (A and AAAA) and every address becomes a
+    server of its own, with the entry's weight and backup flag. It is resolved again every
+    `interval` seconds, or when the answer's TTL runs out if that is sooner and
+    `respect_ttl` (never more often than once a second). `nameservers` are `ip[:port]`
+    (port 53 by default); None asks the system's resolver.
+    """
+
+    type: Literal["dns"] = "dns"
+    interval: float = 5.0
+    respect_ttl: bool = True
+    nameservers: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TimeoutsConfig:
     """The timeouts of an upstream, in seconds: `upstreams.<name>.timeouts`.
 
@@ -138,7 +190,8 @@ class UpstreamConfig:
     """One upstream: the mapping under `upstreams.<name>`, whose key is `name`.
 
     `health_check` is None when active checks are off; `outlier_detection` is None when
-    passive detection is turned off (it is on by default).
+    passive detection is turned off (it is on by default); `hedge` is None when requests
+    are not hedged (the default).
     """
 
     name: str
@@ -151,6 +204,10 @@ class UpstreamConfig:
     outlier_detection: OutlierDetectionConfig | None = field(default_factory=OutlierDetectionConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    hedge: HedgeConfig | None = None
+    adaptive_concurrency: AdaptiveConcurrencyConfig | None = None
+    #: None: each host name is resolved when a connection is made, as the system resolves it.
+    discovery: DiscoveryConfig | None = None
     max_concurrent_requests: int = 1000
     panic: bool = False
 
@@ -215,6 +272,19 @@ class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     timeout: float = 0.05
     on_error: Literal["allow", "deny"] = "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The operator's endpoints under `path` (None: off): status, readiness, reload.
+
+    With `token` set, every admin request but `{path}/ready` needs
+    `Authorization: Bearer TOKEN`; only clients within `allow_ips` reach them.
+    """
+
+    path: str | None = None
+    token: str | None = None
+    allow_ips: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,20 @@ from .._exceptions import ConfigError
 
 
 def _read_file(path: str) -> Any:
-    suffix = os.path.splitext(path)[1].lower()
+    return _parse_file(path, _file_bytes(path))
+
+
+def _file_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as file:
-            raw = file.read()
+            return file.read()
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path!r}: {exc.strerror or exc}") from None
+
+
+def _parse_file(path: str, raw: bytes) -> Any:
+    """The plain data of a config file's contents `raw`, by the file's suffix."""
+    suffix = os.path.splitext(path)[1].lower()
     try:
         if suffix == ".toml":
             import tomllib

@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Final
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -19,6 +20,9 @@ from .models import (
     HTTP_METHODS,
     JWT_ALGORITHMS,
     RETRY_CONDITIONS,
+    AdaptiveConcurrencyConfig,
+    AdminConfig,
+    DiscoveryConfig,
     HeaderRulesConfig,
     JwtConfig,
     RedisConfig,
@@ -51,11 +55,18 @@ class GatewayConfig:
     redis: RedisConfig | None = None
     #: Send an RFC 7239 `Forwarded` header upstream on every route that does not say otherwise.
     forwarded: bool = False
+    #: On SIGTERM, how long requests in flight may take to finish (s).
+    drain_timeout: float = 30.0
+    #: On SIGTERM, how long readiness fails while everything is still served (s).
+    drain_delay: float = 0.0
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def __post_init__(self) -> None:
         validate(self)
 
 
+#: The most extra tries `hedge.max_extra` may ask for: each is one more request on the fleet.
+_MAX_EXTRA_HEDGES: Final = 4
 _HASH_ON = re.compile(r"^(header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|cookie:[^\s;=,]+|client_ip|path)$")
 
 
@@ -75,22 +86,32 @@ def validate(config: GatewayConfig) -> None:
     )
     if config.redis is not None:
         _check_redis(config.redis, errors)
+    _check_lifecycle(config.drain_timeout, config.drain_delay, config.admin, errors)
     errors.raise_any()
 
 
 def _check_url(where: str, url: str, errors: _Errors) -> None:
+    problem = _url_problem(url) if isinstance(url, str) else f"{url!r} is not an http(s) URL"
+    if problem is not None:
+        errors.add(where, problem)
+
+
+# A config is validated when it is read and again as a `GatewayConfig`, and a reload checks
+# the same URLs once more: with a thousand servers, parsing them is most of a reload's time.
+@functools.lru_cache(maxsize=8192)
+def _url_problem(url: str) -> str | None:
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        errors.add(where, f"{url!r} is not an http(s) URL")
-        return
+        return f"{url!r} is not an http(s) URL"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        errors.add(where, f"{url!r} is not an http(s) URL")
-    elif parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
-        errors.add(where, f"{url!r} must be scheme://host[:port] with no path, query or credentials")
-    elif port == 0:
-        errors.add(where, f"{url!r} has port 0")
+        return f"{url!r} is not an http(s) URL"
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        return f"{url!r} must be scheme://host[:port] with no path, query or credentials"
+    if port == 0:
+        return f"{url!r} has port 0"
+    return None
 
 
 def _positive(where: str, value: object, errors: _Errors, *, allow_zero: bool = False) -> None:
@@ -172,6 +193,8 @@ _RULE_RESERVED_UP: Final = _HOP_BY_HOP | {
 }
 # ... and on the way back, where the server in front frames the body and adds Date.
 _RULE_RESERVED_DOWN: Final = _HOP_BY_HOP | {"content-length", "x-request-id", "date"}
+# A WebSocket handshake's own headers, both ways: its client and the server in front write them.
+_WEBSOCKET_HANDSHAKE: Final = "sec-websocket-"
 _HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
 
 
@@ -186,7 +209,7 @@ def _check_header_rules(
             at = f"{where}.{kind}[{i}]" if kind == "remove" else f"{where}.{kind}.{name}"
             if not isinstance(name, str) or not _HEADER_NAME.match(name.lower()):
                 errors.add(at, f"{name!r} is not a header name")
-            elif name.lower() in reserved:
+            elif name.lower() in reserved or name.lower().startswith(_WEBSOCKET_HANDSHAKE):
                 errors.add(at, f"{name!r} is the gateway's own header{'' if up else ' on the way back'}")
             elif kind != "remove":
                 _check_header_value(at, entries[name], errors, up=up, claims=claims)
@@ -338,6 +361,25 @@ def _check_redis(redis: RedisConfig, errors: _Errors) -> None:
         errors.add("redis.on_error", f"{redis.on_error!r} is not one of allow, deny")
 
 
+def _check_lifecycle(drain_timeout: float, drain_delay: float, admin: AdminConfig, errors: _Errors) -> None:
+    """Drain and admin: the keys of the gateway's own life rather than of its requests."""
+    _positive("drain_timeout", drain_timeout, errors, allow_zero=True)
+    _positive("drain_delay", drain_delay, errors, allow_zero=True)
+    path = admin.path
+    if path is not None:
+        if not isinstance(path, str) or not path.startswith("/") or path == "/":
+            errors.add("admin.path", f"{path!r} must start with '/' and name a path below the root")
+        elif path.endswith("/") or "//" in path or any(part in (".", "..") for part in path.split("/")):
+            errors.add("admin.path", f"{path!r} must not end with '/' or hold empty, '.' or '..' segments")
+    if admin.token is not None and (not isinstance(admin.token, str) or not admin.token):
+        errors.add("admin.token", f"{admin.token!r} must be a non-empty string")
+    for i, network in enumerate(admin.allow_ips):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            errors.add(f"admin.allow_ips[{i}]", f"{network!r} is not an IP address or CIDR")
+
+
 def _check_settings(
     max_body_size: int | None,
     max_message_size: int | None,
@@ -390,6 +432,15 @@ def _check_upstream(where: str, upstream: UpstreamConfig, errors: _Errors) -> No
         errors.add(f"{where}.retry.backoff_max", f"{retry.backoff_max!r} is below backoff_base")
     for name in ("connect", "read", "total"):
         _positive(f"{where}.timeouts.{name}", getattr(upstream.timeouts, name), errors)
+    if upstream.hedge is not None:
+        hedge = upstream.hedge
+        _positive(f"{where}.hedge.delay", hedge.delay, errors)
+        if (
+            isinstance(hedge.max_extra, bool)
+            or not isinstance(hedge.max_extra, int)
+            or not 1 <= hedge.max_extra <= _MAX_EXTRA_HEDGES
+        ):
+            errors.add(f"{where}.hedge.max_extra", f"{hedge.max_extra!r} is not 1 to {_MAX_EXTRA_HEDGES}")
     if upstream.health_check is not None:
         hc = upstream.health_check
         if not hc.path.startswith("/"):
@@ -411,7 +462,70 @@ def _check_upstream(where: str, upstream: UpstreamConfig, errors: _Errors) -> No
                 f"{where}.outlier_detection.max_ejection_time",
                 f"{od.max_ejection_time!r} is below base_ejection_time",
             )
+    if upstream.adaptive_concurrency is not None:
+        _check_adaptive_concurrency(f"{where}.adaptive_concurrency", upstream.adaptive_concurrency, errors)
+    if upstream.discovery is not None:
+        _check_discovery(f"{where}.discovery", upstream.discovery, errors)
     if upstream.max_concurrent_requests < 1:
         errors.add(
             f"{where}.max_concurrent_requests", f"{upstream.max_concurrent_requests!r} must be at least 1"
+        )
+
+
+def _check_discovery(where: str, config: DiscoveryConfig, errors: _Errors) -> None:
+    if config.type != "dns":
+        errors.add(f"{where}.type", f"{config.type!r} is not dns (the only type so far)")
+    _positive(f"{where}.interval", config.interval, errors)
+    if not isinstance(config.respect_ttl, bool):
+        errors.add(f"{where}.respect_ttl", f"{config.respect_ttl!r} is not true or false")
+    for i, spec in enumerate(config.nameservers or ()):
+        if nameserver_address(spec) is None:
+            errors.add(
+                f"{where}.nameservers[{i}]", f"{spec!r} is not an ip[:port] (e.g. 10.0.0.10, [fd00::a]:53)"
+            )
+
+
+def nameserver_address(spec: object) -> tuple[str, int] | None:
+    """`(ip, port)` of a nameserver written `ip`, `ip:port`, `ipv6` or `[ipv6]:port`; None if invalid."""
+    if not isinstance(spec, str):
+        return None
+    host, port = spec, "53"
+    if spec.startswith("["):
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:] if rest else port
+    elif spec.count(":") == 1:
+        host, port = spec.split(":")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    return str(ip), int(port)
+
+
+def _check_adaptive_concurrency(where: str, config: AdaptiveConcurrencyConfig, errors: _Errors) -> None:
+    for name in ("min_limit", "initial_limit", "max_limit", "min_rtt_samples"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            errors.add(f"{where}.{name}", f"{value!r} must be an integer of at least 1")
+    for name in ("interval", "min_rtt_interval"):
+        _positive(f"{where}.{name}", getattr(config, name), errors)
+    for name, top in (("sample_percentile", 100.0), ("buffer", math.inf), ("jitter", 1.0)):
+        value = getattr(config, name)
+        _positive(f"{where}.{name}", value, errors, allow_zero=name != "sample_percentile")
+        if isinstance(value, int | float) and value > top:
+            errors.add(f"{where}.{name}", f"{value!r} must be at most {top:g}")
+    if errors.reported(where):
+        return
+    # The initial limit is one the controller may hold: min_limit <= initial_limit <= max_limit.
+    if config.min_limit > config.initial_limit:
+        errors.add(
+            f"{where}.min_limit", f"{config.min_limit!r} is above initial_limit ({config.initial_limit})"
+        )
+    if config.max_limit < config.initial_limit:
+        errors.add(
+            f"{where}.max_limit", f"{config.max_limit!r} is below initial_limit ({config.initial_limit})"
         )

@@ -863,7 +863,9 @@ class ConsistentHashBalancer(Balancer):
         slot = self._slot_of.get(server)
         if slot is not None:
             return slot
-        name = _node_name(server.scheme, server.host, server.port)
+        # A server found by DNS discovery is placed by its address: the same place in every
+        # process, whatever order the addresses arrived in.
+        name = _node_name(server.scheme, server.ip or server.host, server.port)
         free = [i for i in self._by_name.get(name, ()) if self._bound[i] is None]
         if server.index in free:
             slot = server.index

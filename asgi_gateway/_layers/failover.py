@@ -18,6 +18,11 @@ last ejection ended takes one doubling off its next one.
 
 The available set is cached and rebuilt only when a server changes state, so a
 pick costs the balancer's work and one clock read.
+
+The server set can change while the layer serves (`set_servers`, for DNS discovery), and a
+new layer can take over a previous one's state for the servers both have (`take_over`, for
+a reload). A server that leaves is picked no more; requests in flight on it finish, and the
+status view shows it as `draining` until the last one has.
 """
 
 from __future__ import annotations
@@ -122,6 +127,7 @@ class FailoverLayer(Handler):
     checker (which calls `refresh()` after it changes one) and the balancer.
     `backup_balancer` picks among the backups when a retry falls back to them while
     primaries are still available; by default one is made like the main one.
+    `set_servers` replaces the set in place; `take_over` carries a previous layer's state over.
     """
 
     def __init__(
@@ -138,17 +144,14 @@ class FailoverLayer(Handler):
         self._upstream = upstream
         self._name = upstream.name
         self._servers = tuple(servers)
+        #: Servers removed by `set_servers` with requests still in flight, for the status view.
+        self._draining: list[Server] = []
         self._balancer = balancer
         self._inner = inner
         self._events = events
         self._clock = clock
         self._outlier = upstream.outlier_detection
-        if self._outlier is not None:
-            share = math.floor(len(self._servers) * self._outlier.max_ejection_percent / 100)
-            # As Envoy does: one server may always go, whatever the percentage rounds to.
-            self._max_ejected = max(1, share)
-        else:
-            self._max_ejected = 0
+        self._max_ejected = self._ejection_limit()
         if backup_balancer is None and any(server.backup for server in self._servers):
             backup_balancer = make_balancer(upstream)
         self._backup_balancer = backup_balancer
@@ -211,6 +214,97 @@ class FailoverLayer(Handler):
     async def aclose(self) -> None:
         await self._inner.aclose()
 
+    @property
+    def servers(self) -> tuple[Server, ...]:
+        """The upstream's current servers (what `set_servers` last set)."""
+        return self._servers
+
+    def set_servers(self, servers: Sequence[Server]) -> list[Server]:
+        """Make `servers` the upstream's server set, in place; returns the servers removed.
+
+        Servers are matched by identity: one that stays (the same `Server` object) keeps
+        everything, its health verdict, ejection, failure history and place in the
+        balancer's state; a new one starts as the `Server` object says (a fresh one:
+        healthy, never ejected). A removed one is picked no more, from now on; requests
+        already on it finish normally, and the status view lists it as `draining` while
+        any is in flight. Hand the removed servers to the transport's `retire` next, so
+        that their connections close as their last requests end; and give the health
+        checker the same set (`HealthChecker.set_servers`).
+        """
+        new = tuple(servers)
+        kept = set(new)
+        removed = [server for server in self._servers if server not in kept]
+        self._servers = new
+        for server in removed:
+            self._failures.pop(server, None)
+            self._ejected.discard(server)
+        for server in new:
+            if server not in self._failures:
+                self._failures[server] = _Failures()
+        self._draining = [
+            server for server in (*self._draining, *removed) if server.in_flight > 0 and server not in kept
+        ]
+        self._after_set_change()
+        return removed
+
+    def take_over(self, previous: FailoverLayer) -> list[Server]:
+        """Carry `previous`'s state over for the servers this layer shares with it; returns the
+        servers of `previous` that this layer does not have.
+
+        For a reload that builds a new layer over some of the same `Server` objects (same
+        upstream name and URL): what lives on the `Server` (health verdict, ejection
+        time and count, consecutive failures, requests in flight) goes along by itself;
+        this adds what `previous` keeps of its own: which of them are ejected now and their
+        recent failure history. The balancer's own state (round-robin position, latency
+        estimates) starts afresh. Only reads `previous`, which serves on unchanged until
+        the swap; the servers returned are the ones to `retire` once it is done.
+        """
+        now = self._clock()
+        for server in self._servers:
+            failures = previous._failures.get(server)
+            if failures is not None:
+                self._failures[server] = failures
+            if server in previous._ejected:
+                self._ejected.add(server)
+        self._recompute(now)
+        mine = set(self._servers)
+        return [server for server in previous._servers if server not in mine]
+
+    def _ejection_limit(self) -> int:
+        if self._outlier is None:
+            return 0
+        share = math.floor(len(self._servers) * self._outlier.max_ejection_percent / 100)
+        # As Envoy does: one server may always go, whatever the percentage rounds to.
+        return max(1, share)
+
+    def _after_set_change(self) -> None:
+        self._max_ejected = self._ejection_limit()
+        if self._backup_balancer is None and any(server.backup for server in self._servers):
+            self._backup_balancer = make_balancer(self._upstream)
+            self._observe = _observer(self._balancer, self._backup_balancer)
+        now = self._clock()
+        if now >= self._next_expiry:
+            self._readmit(now)
+        else:
+            self._recompute(now)
+
+    def untried_available(self, exchange: Exchange) -> bool:
+        """Whether a server that `exchange` has not tried yet could take its next attempt.
+
+        O(servers): for the hedge layer, once per hedge it is about to send, not per request.
+        """
+        tried = exchange.tried
+        group = self._group
+        if group == "primary":
+            candidates: Sequence[Server] = [*self._primaries, *self._backups]
+        elif group == "backup":
+            candidates = self._backups
+        elif group == "panic":
+            candidates = self._servers
+        else:
+            return False
+        return any(server not in tried for server in candidates)
+
     def refresh(self) -> None:
         """Rebuild the available set after a server's health changed (the health checker's `on_change`)."""
         now = self._clock()
@@ -227,14 +321,19 @@ class FailoverLayer(Handler):
         wall = time.time()
         check = self._upstream.health_check
         outlier = self._outlier
+        hedge = self._upstream.hedge
         servers = []
-        for server in self._servers:
+        self._draining = [server for server in self._draining if server.in_flight > 0]
+        for server in (*self._servers, *self._draining):
             ejected = server in self._ejected
             remaining = server.ejected_until - now if ejected else None
-            failures = self._failures[server]
+            failures = self._failures.get(server) or _Failures()
             recent = sum(1 for at in failures.times if now - at <= RECENT_WINDOW)
             server.recent_failures = recent
-            if ejected:
+            draining = server in self._draining
+            if draining:
+                state = "draining"
+            elif ejected:
                 state = "ejected"
             elif not server.healthy:
                 state = "unhealthy"
@@ -243,10 +342,11 @@ class FailoverLayer(Handler):
             servers.append(
                 {
                     "url": server.url,
+                    "address": server.address,
                     "backup": server.backup,
                     "weight": server.weight,
                     "state": state,
-                    "available": not ejected and server.healthy,
+                    "available": not ejected and server.healthy and not draining,
                     "healthy": server.healthy,
                     "ejected": ejected,
                     "ejected_for": round(remaining, 3) if remaining is not None else None,
@@ -282,6 +382,7 @@ class FailoverLayer(Handler):
                 else None
             ),
             "panic": self._upstream.panic,
+            "hedge": {"delay": hedge.delay, "max_extra": hedge.max_extra} if hedge is not None else None,
             "servers": servers,
         }
 
@@ -401,7 +502,10 @@ class FailoverLayer(Handler):
 
     def _failure(self, server: Server, reason: str, exchange: Exchange | None) -> None:
         now = self._clock()
-        failures = self._failures[server]
+        failures = self._failures.get(server)
+        if failures is None:
+            # Removed from the set while this request was on it: nothing left to judge.
+            return
         failures.times.append(now)
         failures.last_reason = reason
         outlier = self._outlier

@@ -26,6 +26,7 @@ from opentelemetry.util.types import AttributeValue
 from .._exceptions import ClientDisconnected
 from .._semconv import (
     ERROR_TYPE,
+    GATEWAY_HEDGE_CANCELLED,
     HTTP_REQUEST_METHOD,
     HTTP_REQUEST_METHOD_ORIGINAL,
     HTTP_REQUEST_RESEND_COUNT,
@@ -123,7 +124,7 @@ class TelemetryLayer(Handler):
                 span = None
             if span is None and histogram is None:
                 return await self.inner.handle_request(request)
-        end = _AttemptEnd(telemetry, span, base, histogram)
+        end = _AttemptEnd(telemetry, request, span, base, histogram)
         try:
             response = await self.inner.handle_request(request)
         except BaseException as exc:
@@ -182,16 +183,27 @@ class _AttemptEnd:
     error when the attempt raised before a response head).
     """
 
-    __slots__ = ("base_attributes", "error_type", "histogram", "span", "start", "status", "telemetry")
+    __slots__ = (
+        "base_attributes",
+        "error_type",
+        "histogram",
+        "request",
+        "span",
+        "start",
+        "status",
+        "telemetry",
+    )
 
     def __init__(
         self,
         telemetry: Telemetry,
+        request: Request,
         span: Span | None,
         base_attributes: dict[str, AttributeValue],
         histogram: Histogram | None,
     ) -> None:
         self.telemetry = telemetry
+        self.request = request
         self.span = span
         self.base_attributes = base_attributes
         self.histogram = histogram
@@ -223,6 +235,9 @@ class _AttemptEnd:
         span = self.span
         if span is not None:
             try:
+                if self.request.superseded:
+                    # Another try of the request answered first: this one was called off.
+                    span.set_attribute(GATEWAY_HEDGE_CANCELLED, True)
                 if error is not None:
                     span.set_attribute(ERROR_TYPE, self.error_type or "")
                     if not _called_off(error):

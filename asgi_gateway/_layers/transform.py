@@ -46,6 +46,10 @@ class Hooks:
     closed once the new one has been sent, so the new stream may read from it. The body
     otherwise streams through untouched.
 
+    They run on the route's WebSocket handshakes too, where `request.upgrade` is set and
+    `on_response` sees the upstream's 101. A hook cannot accept a handshake itself: an
+    `on_request` answer must have a final status (200-599), else it is a hook failure.
+
     A hook that raises a `GatewayError` (`Forbidden("...")`, say) answers with that error; any
     other exception is logged and answered `500 internal_error` with the request id, without
     its text.
@@ -378,6 +382,15 @@ class TransformLayer(Handler):
         if self._on_request is not None:
             result = await _call(self._on_request, "on_request", request.exchange, request)
             if isinstance(result, Response):
+                if not 200 <= result.status <= 599:
+                    # A 101 would claim an upgrade no upstream made, and no server in front can
+                    # send an interim answer as the final one.
+                    await result.aclose()
+                    _hook_failed(
+                        "on_request",
+                        request.exchange,
+                        ValueError(f"on_request answered {result.status}, not a final status (200-599)"),
+                    )
                 response = result
             elif isinstance(result, Request):
                 request = result
@@ -493,32 +506,31 @@ def _with_forwarded(headers: Headers, exchange: Exchange) -> Headers:
     """`headers` with the gateway's element added to a trusted proxy's `Forwarded` chain.
 
     The chain is only there when the peer is a trusted proxy (the gateway removes an untrusted
-    client's); one that does not follow RFC 7239 is dropped, not passed on. The element names
-    the peer, which is the last hop the gateway added to X-Forwarded-For, and the host and
-    protocol the gateway sends as X-Forwarded-Host and X-Forwarded-Proto.
+    client's); one that does not follow RFC 7239 is dropped, not passed on. The element
+    describes the hop into the gateway, as RFC 7239 section 4 asks of each proxy: the peer it
+    came from, the scheme of that connection and the Host it carried, all as `prepare` saw
+    them. None of it is read back from the headers: a trusted proxy's X-Forwarded-Host names
+    the host of the hop before, and its own element says so.
     """
-    chain: list[bytes] = []
-    peer = host = None
-    kept: Headers = []
+    chain: list[bytes] | None = None
     for name, value in headers:
         if name == b"forwarded":
-            chain.append(value)
-            continue
-        if name == b"x-forwarded-for":
-            peer = value
-        elif name == b"x-forwarded-host":
-            host = value
-        kept.append((name, value))
-    hop = peer.rsplit(b",", 1)[-1].strip().decode("latin-1") if peer else None
-    element = forwarded_element(hop, exchange.scheme, host)
-    if chain:
-        incoming = b", ".join(chain)
-        if parse_forwarded(incoming) is not None:
-            element = incoming + b", " + element
-        else:
-            logger.debug(
-                "a trusted proxy's Forwarded header does not follow RFC 7239; dropped",
-                extra={"request_id": exchange.request_id},
-            )
+            if chain is None:
+                chain = [value]
+            else:
+                chain.append(value)
+    element = forwarded_element(exchange.peer, exchange.scheme, exchange.host)
+    if chain is None:
+        headers.append((b"forwarded", element))
+        return headers
+    kept = [pair for pair in headers if pair[0] != b"forwarded"]
+    incoming = b", ".join(chain)
+    if parse_forwarded(incoming) is not None:
+        element = incoming + b", " + element
+    else:
+        logger.debug(
+            "a trusted proxy's Forwarded header does not follow RFC 7239; dropped",
+            extra={"request_id": exchange.request_id},
+        )
     kept.append((b"forwarded", element))
     return kept

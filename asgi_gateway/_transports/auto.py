@@ -8,12 +8,12 @@ the httpx adapter takes its place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 
 import httpx
 import sniffio
 
-from .._types import Request, Response, Transport
+from .._types import Request, Response, Server, Transport
 from .httpx import HttpxTransport
 
 __all__ = ["AutoTransport", "UserTransport"]
@@ -52,6 +52,16 @@ class AutoTransport(Transport):
     def open(self) -> None:
         if self._inner is None:
             self._open()
+
+    def retire(self, servers: Iterable[Server]) -> None:
+        """`servers` are gone from their upstreams: see `PoolTransport.retire`.
+
+        Only the built-in pool keeps connections per server object; the httpx adapter and a
+        transport of the user's own are left to expire their idle connections themselves.
+        """
+        retire = getattr(self._inner, "retire", None)
+        if retire is not None:
+            retire(servers)
 
     async def aclose(self) -> None:
         inner, self._inner = self._inner, None

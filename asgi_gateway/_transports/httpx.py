@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Any, Final
 
 import httpx
 
@@ -110,7 +110,8 @@ class HttpxTransport(Transport):
     async def handle_request(self, request: Request) -> Response:
         server = request.server
         assert server is not None, "the failover layer sets request.server"
-        url = httpx.URL(scheme=server.scheme, host=server.host, port=server.port)
+        # A server found by discovery is reached at its address, under its name (Host, SNI).
+        url = httpx.URL(scheme=server.scheme, host=server.ip or server.host, port=server.port)
         headers = [(b"host", request.host or server.host_header), *request.headers]
         body = request.body
         if body.length is not None:
@@ -121,12 +122,15 @@ class HttpxTransport(Transport):
         timeout = httpx.Timeout(
             connect=request.connect_timeout, read=read, write=read, pool=request.connect_timeout
         )
+        extensions: dict[str, Any] = {"timeout": timeout.as_dict()}
+        if server.ip is not None and server.scheme == "https":
+            extensions["sni_hostname"] = server.host
         http_request = httpx.Request(
             request.method,
             url.copy_with(raw_path=request.target),
             headers=headers,
             content=None if body.empty else body,
-            extensions={"timeout": timeout.as_dict()},
+            extensions=extensions,
         )
         # httpx computes its own framing headers from `content`; ours are the truth.
         http_request.headers = httpx.Headers(headers)

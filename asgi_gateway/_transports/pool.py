@@ -1,10 +1,13 @@
 """The gateway's own keep-alive HTTP/1.1 client: which connection serves a request.
 
-`PoolTransport` keeps one `_HostPool` per (scheme, host, port): its idle connections, most
-recently used first, and the requests waiting for a free one when `max_connections_per_host`
-are busy. A request takes an idle connection, or opens one (`connect`'s TCP connect,
+`PoolTransport` keeps one `_HostPool` per origin, (scheme, host, port) and the address
+connected to (a server found by DNS discovery connects to its IP, with the name as Host and
+SNI): its idle connections, most recently used first, and the requests waiting for a free one
+when `max_connections_per_host` are busy. A request takes an idle connection, or opens one (`connect`'s TCP connect,
 then TLS), or waits its turn; the exchange itself is `http11.HTTP11Connection`'s. When a reused
 keep-alive connection fails before any answer, the pool sends the request once more on a new one.
+A pool whose servers are all retired (removed by discovery or a reload) keeps no connection:
+its idle ones close at once, each busy one as its exchange ends.
 
 asyncio only: under trio the gateway uses the httpx adapter instead.
 """
@@ -16,7 +19,7 @@ import contextlib
 import enum
 import ssl
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from time import monotonic
 from types import TracebackType
 from typing import Any
@@ -28,7 +31,8 @@ from .http11 import HTTP11Connection, _expire, encode_head, framing
 
 __all__ = ["PoolTransport"]
 
-_Key = tuple[str, str, int]
+#: (scheme, host, port, ip): the name (Host, SNI) and the address connected to (None: the name).
+_Key = tuple[str, str, int, str | None]
 
 
 class _State(enum.Enum):
@@ -38,7 +42,13 @@ class _State(enum.Enum):
 
 
 class _HostPool:
-    """The connections to one (scheme, host, port)."""
+    """The connections to one origin: (scheme, host, port) and the address connected to.
+
+    `users` are the live servers that have sent through it; once `retire` has taken the last
+    of them away the pool is `retired`: it keeps no connection idle and reuses none, though
+    an exchange still in flight ends normally and a request that still comes for a retired
+    server gets a connection of its own.
+    """
 
     __slots__ = (
         "closed",
@@ -47,12 +57,16 @@ class _HostPool:
         "host",
         "idle",
         "idle_timeout",
+        "key",
         "label",
         "max_connections",
         "max_idle",
+        "on_empty",
         "port",
+        "retired",
         "server_hostname",
         "ssl",
+        "users",
         "waiters",
     )
 
@@ -64,15 +78,23 @@ class _HostPool:
         max_idle: int,
         idle_timeout: float,
     ) -> None:
-        self.host = server.host
+        self.key = _key(server)
+        self.host = server.connect_host
         self.port = server.port
         self.label = f"{server.scheme}://{server.host}:{server.port}"
+        if server.ip is not None:
+            self.label = f"{self.label} ({server.address})"
         self.ssl = ssl_context
+        # The name, also when connecting to an address of it.
         self.server_hostname = server.host if ssl_context is not None else None
         self.max_connections = max_connections
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.closed = False
+        self.retired = False
+        self.users: set[Server] = set()
+        #: Called once a retired pool's last connection has closed.
+        self.on_empty: Callable[[_HostPool], None] | None = None
         #: Open connections, plus those being opened and slots promised to a waiter.
         self.count = 0
         self.connections: set[HTTP11Connection] = set()
@@ -236,7 +258,7 @@ class _HostPool:
 
     def release(self, conn: HTTP11Connection) -> None:
         """Take back a connection whose exchange ended cleanly."""
-        if self.closed:
+        if self.closed or self.retired:
             conn.close()
             return
         waiters = self.waiters
@@ -267,6 +289,19 @@ class _HostPool:
         if conn in self.connections:
             self.connections.remove(conn)
             self._free_slot()
+            if self.retired and not self.connections and self.on_empty is not None:
+                self.on_empty(self)
+
+    def retire(self) -> None:
+        """No connection is kept from now on: idle ones close now, busy ones when released."""
+        self.retired = True
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            conn.idle = False
+            conn.close()
+        if not self.connections and self.on_empty is not None:
+            self.on_empty(self)
 
     def close(self) -> None:
         self.closed = True
@@ -306,7 +341,12 @@ class PoolTransport(Transport):
         self._max_idle = max_idle_per_host
         self._idle_timeout = idle_timeout
         self._ssl_context = ssl_context
+        #: The live pool of each origin.
         self._pools: dict[_Key, _HostPool] = {}
+        #: Each live server's pool, found without building its origin key.
+        self._by_server: dict[Server, _HostPool] = {}
+        #: Retired pools whose last connections are still busy.
+        self._draining: set[_HostPool] = set()
         self._state = _State.UNOPENED
 
     async def __aenter__(self) -> PoolTransport:
@@ -328,38 +368,85 @@ class PoolTransport(Transport):
         await self.aclose()
 
     def connection_count(self, server: Server) -> int:
-        """Open connections to `server`, idle or busy."""
-        pool = self._pools.get((server.scheme, server.host, server.port))
-        return 0 if pool is None else len(pool.connections)
+        """Open connections to `server`'s origin, idle or busy, draining ones included."""
+        key = _key(server)
+        pools = [pool for pool in self._draining if pool.key == key]
+        live = self._pools.get(key)
+        if live is not None:
+            pools.append(live)
+        return sum(len(pool.connections) for pool in pools)
 
     def idle_count(self, server: Server) -> int:
-        """Idle connections to `server`, ready for the next request."""
-        pool = self._pools.get((server.scheme, server.host, server.port))
+        """Idle connections to `server`'s origin, ready for the next request."""
+        pool = self._pools.get(_key(server))
         return 0 if pool is None else len(pool.idle)
+
+    def retire(self, servers: Iterable[Server]) -> None:
+        """`servers` are gone from their upstreams (discovery, a reload): stop keeping their connections.
+
+        A pool is shared by every `Server` object with the same origin (scheme, host, port
+        and address), and counts the live ones that have sent through it: it retires once
+        the last of them is retired here, so two upstreams (or an old and a new config)
+        pointing at the same origin keep the pool until both are done with it. A retired
+        pool closes its idle connections now and each busy one when its exchange ends, and
+        hands out no connection again; the next server of that origin gets a fresh pool.
+        Each server is marked `retired`: a request that still comes for it (a retry under
+        a config just replaced) is served on a connection of its own, closed afterwards.
+        Callers pass each server they drop, once; one this transport never saw is fine.
+        """
+        for server in servers:
+            server.retired = True
+            pool = self._by_server.pop(server, None)
+            if pool is None:
+                continue
+            pool.users.discard(server)
+            if pool.users or pool.retired:
+                continue
+            if self._pools.get(pool.key) is pool:
+                del self._pools[pool.key]
+            self._draining.add(pool)
+            pool.retire()
+
+    def _drained(self, pool: _HostPool) -> None:
+        self._draining.discard(pool)
 
     def _pool(self, server: Server) -> _HostPool:
         if self._state is not _State.OPENED:
             if self._state is _State.CLOSED:
                 raise RuntimeError("Cannot send a request, as the transport has been closed.")
             self._state = _State.OPENED
-        key = (server.scheme, server.host, server.port)
-        pool = self._pools.get(key)
-        if pool is None:
-            context = None
-            if server.scheme == "https":
-                if self._ssl_context is None:
-                    self._ssl_context = ssl.create_default_context()
-                    self._ssl_context.set_alpn_protocols(["http/1.1"])
-                context = self._ssl_context
-            pool = _HostPool(server, context, self._max_connections, self._max_idle, self._idle_timeout)
-            self._pools[key] = pool
+        if server.retired:
+            # Not pooled: its own pool, retired from the start, gone with its connection.
+            pool = self._new_pool(server)
+            self._draining.add(pool)
+            pool.retired = True
+            return pool
+        key = _key(server)
+        live = self._pools.get(key)
+        if live is None:
+            live = self._pools[key] = self._new_pool(server)
+        live.users.add(server)
+        self._by_server[server] = live
+        return live
+
+    def _new_pool(self, server: Server) -> _HostPool:
+        context = None
+        if server.scheme == "https":
+            if self._ssl_context is None:
+                self._ssl_context = ssl.create_default_context()
+                self._ssl_context.set_alpn_protocols(["http/1.1"])
+            context = self._ssl_context
+        pool = _HostPool(server, context, self._max_connections, self._max_idle, self._idle_timeout)
+        pool.on_empty = self._drained
         return pool
 
     def handle_request(self, request: Request) -> Coroutine[Any, Any, Response]:
         server = request.server
         if server is None:
             raise RuntimeError("request.server must be set before the transport sends it")
-        pool = self._pool(server)
+        pool = self._by_server.get(server)
+        if pool is None:
+            pool = self._pool(server)
         body = request.body
         length, chunked = framing(request.method, body)
         # A buffered body goes out with its head in one write; a streamed one follows it. Encoded
@@ -381,7 +468,13 @@ class PoolTransport(Transport):
     async def aclose(self) -> None:
         """Close every connection; the transport cannot be used afterwards."""
         self._state = _State.CLOSED
-        pools = list(self._pools.values())
+        pools = [*self._pools.values(), *self._draining]
         self._pools.clear()
+        self._by_server.clear()
+        self._draining.clear()
         for pool in pools:
             pool.close()
+
+
+def _key(server: Server) -> _Key:
+    return (server.scheme, server.host, server.port, server.ip)

@@ -30,6 +30,8 @@ __all__ = ["CLOSE_TIMEOUT", "MAX_QUEUE", "UpgradedStream", "WebSocketTransport"]
 
 #: Seconds a closing handshake with the upstream may take before its connection is cut.
 CLOSE_TIMEOUT: Final = 5.0
+#: The handshake headers the library writes itself (Sec-WebSocket-Key, -Version, -Protocol, ...).
+_HANDSHAKE_OWN: Final = b"sec-websocket-"
 #: Frames from the upstream buffered before the gateway stops reading its socket: with the
 #: message in hand and the socket buffers, this bounds what a session holds per direction.
 MAX_QUEUE: Final = 4
@@ -86,7 +88,8 @@ class WebSocketTransport(Transport):
             raise BadRequest(f"cannot forward this WebSocket handshake: {exc}") from exc
         path, _, query = target.partition("?")
         tls: dict[str, Any] = {"ssl": _tls_context(), "server_hostname": server.host} if secure else {}
-        sock = await open_socket(server.host, server.port, request.connect_timeout, label=server.url)
+        # A server found by discovery is reached at its address, under its name (Host, SNI).
+        sock = await open_socket(server.connect_host, server.port, request.connect_timeout, label=server.url)
         try:
             peer: str | None = str(sock.getpeername()[0])
         except OSError:
@@ -95,8 +98,12 @@ class WebSocketTransport(Transport):
             client = connect(
                 uri,
                 sock=sock,
+                # The library writes the handshake's own headers: the client's, or any a hook
+                # added, would go out beside them and contradict them.
                 additional_headers=[
-                    (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
+                    (name.decode("latin-1"), value.decode("latin-1"))
+                    for name, value in request.headers
+                    if not name.startswith(_HANDSHAKE_OWN)
                 ],
                 user_agent_header=None,
                 compression=None,

@@ -638,3 +638,99 @@ async def test_with_the_real_balancer() -> None:
     inner.behaviour.clear()
     clock.advance(10.0)
     assert {await send([]) for _ in range(4)} == {p1, p2}
+
+
+# -- changing the server set (discovery) and taking over a previous layer (reload) ---------
+
+
+def extra_server(port: int, *, backup: bool = False) -> Server:
+    return Server(
+        url=f"http://127.0.0.1:{port}",
+        scheme="http",
+        host="127.0.0.1",
+        port=port,
+        backup=backup,
+        upstream="users",
+        host_header=f"127.0.0.1:{port}".encode(),
+    )
+
+
+async def test_set_servers_keeps_the_state_of_servers_that_stay() -> None:
+    h = Harness(primaries=3, consecutive_failures=2, base=10.0)
+    ejected, stays, leaves = h.servers
+    await h.fail(ejected, 2)
+    await h.fail(stays, 1)
+    assert ejected in h.layer._ejected
+    until = ejected.ejected_until
+    joins = extra_server(9101)
+
+    removed = h.layer.set_servers([ejected, stays, joins])
+
+    assert removed == [leaves]
+    assert h.layer.servers == (ejected, stays, joins)
+    # Still ejected, with its time and count; the other keeps its run of failures.
+    assert ejected in h.layer._ejected and ejected.ejected_until == until and ejected.ejections == 1
+    assert stays.consecutive_failures == 1
+    assert set(h.balancer.servers) == {stays, joins}
+    picks = {(await h.send())[0] for _ in range(6)}
+    assert picks == {stays, joins}
+    # The ejection still ends when it was due to, and the new server's failures count.
+    h.clock.advance(10.0)
+    picks = {(await h.send())[0] for _ in range(9)}
+    assert picks == {ejected, stays, joins}
+    await h.fail(joins, 2)
+    assert joins in h.layer._ejected
+
+
+async def test_set_servers_drains_a_removed_server() -> None:
+    h = Harness(primaries=2, consecutive_failures=1)
+    leaving, staying = h.servers
+    h.balancer.servers = [leaving]
+    request = h.request()
+    response = await h.layer.handle_request(request)
+    assert request.server is leaving and leaving.in_flight == 1
+
+    assert h.layer.set_servers([staying]) == [leaving]
+
+    # No new request goes to it; the one in flight shows as draining until it ends.
+    assert {(await h.send())[0] for _ in range(4)} == {staying}
+    [draining] = [s for s in h.layer.status()["servers"] if s["state"] == "draining"]
+    assert draining["url"] == leaving.url and draining["in_flight"] == 1 and draining["available"] is False
+    # Its failure now judges nothing (it is gone) and raises nothing.
+    await response.aclose(ConnectionReset("gone"))
+    assert leaving.in_flight == 0
+    assert [s["url"] for s in h.layer.status()["servers"]] == [staying.url]
+
+
+async def test_set_servers_with_the_first_backups_makes_a_backup_balancer() -> None:
+    servers = make_servers(1)
+    upstream = make_upstream(servers)
+    layer = FailoverLayer(upstream, servers, StubBalancer(), FakeInner())
+    backup = extra_server(9102, backup=True)
+    layer.set_servers([*servers, backup])
+    servers[0].healthy = False
+    layer.refresh()
+    assert layer.status()["mode"] == "backup"
+    assert layer.status()["available"] == 1
+
+
+async def test_take_over_carries_ejection_and_history_of_shared_servers() -> None:
+    h = Harness(primaries=3, consecutive_failures=2, base=10.0)
+    shared_ejected, shared, dropped = h.servers
+    await h.fail(shared_ejected, 2)
+    await h.fail(shared, 1)
+    new_balancer = StubBalancer()
+    newcomer = extra_server(9103)
+    layer = FailoverLayer(
+        h.upstream, [shared_ejected, shared, newcomer], new_balancer, h.inner, clock=h.clock
+    )
+
+    assert layer.take_over(h.layer) == [dropped]
+
+    assert shared_ejected in layer._ejected
+    assert set(new_balancer.servers) == {shared, newcomer}
+    status = {s["url"]: s for s in layer.status()["servers"]}
+    assert status[shared_ejected.url]["state"] == "ejected"
+    assert status[shared.url]["recent_failures"] == 1 and status[shared.url]["last_failure"] == "503"
+    # The previous layer serves on as it was.
+    assert shared_ejected in h.layer._ejected and h.layer.servers == (shared_ejected, shared, dropped)

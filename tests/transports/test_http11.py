@@ -99,7 +99,7 @@ async def test_large_upload_streams_with_back_pressure(
         for i in range(blocks):
             if i:
                 # The producer only runs when the socket takes more, so little waits in memory.
-                (conn,) = transport._pools[("http", HOST, uvicorn_server.port)].connections
+                (conn,) = transport._pools[("http", HOST, uvicorn_server.port, None)].connections
                 most_queued = max(most_queued, conn._transport.get_write_buffer_size())
             yield BLOCK
 
@@ -369,7 +369,7 @@ async def test_response_head_over_the_limit_in_one_read_is_invalid(transport: Po
     async with RawServer(handler) as server:
         target = server.url_server
         await fetch(transport, make_request(target))
-        (conn,) = transport._pools[("http", HOST, server.port)].connections
+        (conn,) = transport._pools[("http", HOST, server.port, None)].connections
         # Not read until all of it is in: the whole head then comes in one read.
         conn._transport.pause_reading()
         answer = asyncio.ensure_future(transport.handle_request(make_request(target)))
@@ -706,7 +706,7 @@ async def test_cancellation_while_uploading_closes_the_body_and_the_connection()
         assert closed in (["GeneratorExit"], ["CancelledError"])
         assert transport.connection_count(target) == 0
         await wait_for(lambda: server.closed_by_client == 1)
-        pool = transport._pools[("http", HOST, server.port)]
+        pool = transport._pools[("http", HOST, server.port, None)]
         assert pool.count == 0
         assert not [waiter for waiter in pool.waiters if not waiter.done()]
         await wait_for(lambda: not [t for t in asyncio.all_tasks() if "_upload" in repr(t.get_coro())])

@@ -223,7 +223,7 @@ async def test_cancellation_closes_the_connection(where: str) -> None:
                 await wait_for(lambda: server.accepted == 1)
             else:
                 await got_first.wait()
-            pool = transport._pools[("http", HOST, server.port)]
+            pool = transport._pools[("http", HOST, server.port, None)]
             if where == "pool":
                 async with anyio.create_task_group() as waiting:
                     waiting.start_soon(transport.handle_request, make_request(target, connect_timeout=None))
@@ -236,7 +236,7 @@ async def test_cancellation_closes_the_connection(where: str) -> None:
         if where != "head":
             assert holder and holder[0].status == 200
         # Nothing leaked: no slot is still taken, no waiter left behind.
-        pool = transport._pools[("http", HOST, server.port)]
+        pool = transport._pools[("http", HOST, server.port, None)]
         assert pool.count == 0
         assert not [waiter for waiter in pool.waiters if not waiter.done()]
 
@@ -258,7 +258,7 @@ async def test_pool_accounting_survives_concurrency_and_cancellation(uvicorn_ser
         async with anyio.create_task_group() as tg:
             for delay in delays:
                 tg.start_soon(one, delay)
-        pool = transport._pools[("http", HOST, uvicorn_server.port)]
+        pool = transport._pools[("http", HOST, uvicorn_server.port, None)]
         assert completed >= delays.count(10.0)
         assert pool.count == len(pool.connections) <= 4
         assert len(pool.idle) <= 2
@@ -314,3 +314,100 @@ async def test_tls_upstream(certificate: tuple[Path, Path]) -> None:
     async with server, PoolTransport() as untrusting:
         with pytest.raises(ConnectError, match="certificate"):
             await untrusting.handle_request(make_request(server.url_server))
+
+
+# -- retiring servers (discovery, reload) ----------------------------------------------------
+
+
+def hold_or_answer(release: asyncio.Event, server_ref: list[RawServer]) -> Handler:
+    """`/hold` gets its head and half its body, the rest once `release` is set; others `OK`."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            server_ref[0].requests.append((head, b""))
+            if head.startswith(b"GET /hold "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nha")
+                await writer.drain()
+                await release.wait()
+                writer.write(b"lf")
+            else:
+                writer.write(OK)
+            await writer.drain()
+
+    return handler
+
+
+@pytest.mark.anyio
+async def test_retire_closes_idle_connections_now_and_busy_ones_when_released(
+    transport: PoolTransport,
+) -> None:
+    release = asyncio.Event()
+    ref: list[RawServer] = []
+    async with RawServer(hold_or_answer(release, ref)) as server:
+        ref.append(server)
+        target = server.url_server
+        held = await transport.handle_request(make_request(target, target=b"/hold"))
+        await fetch(transport, make_request(target, target=b"/quick"))
+        assert (transport.connection_count(target), transport.idle_count(target)) == (2, 1)
+
+        transport.retire([target])
+
+        # The idle one closes at once; the busy one finishes its exchange, then closes.
+        await wait_for(lambda: server.closed_by_client == 1)
+        assert transport.connection_count(target) == 1
+        release.set()
+        assert await read_body(held) == b"half"
+        await wait_for(lambda: server.closed_by_client == 2)
+        assert transport.connection_count(target) == 0
+        assert not transport._draining
+
+        # The same origin under a live server: a fresh pool, which keeps its connection.
+        fresh = make_server(server.port)
+        _, body = await fetch(transport, make_request(fresh, target=b"/quick"))
+        assert body == b"ok" and server.accepted == 3
+        assert transport.idle_count(fresh) == 1
+        # The retired server itself is still served (a retry under a replaced config), on a
+        # connection of its own that is not kept.
+        _, body = await fetch(transport, make_request(target, target=b"/quick"))
+        assert body == b"ok" and server.accepted == 4
+        await wait_for(lambda: server.closed_by_client == 3)
+        assert transport.idle_count(fresh) == 1
+        assert not transport._draining
+
+
+@pytest.mark.anyio
+async def test_retire_keeps_a_pool_another_live_server_still_uses(transport: PoolTransport) -> None:
+    async with raw_server(OK) as server:
+        first, second = make_server(server.port), make_server(server.port)
+        await fetch(transport, make_request(first))
+        await fetch(transport, make_request(second))
+        assert server.accepted == 1
+
+        transport.retire([first])
+
+        assert transport.idle_count(second) == 1
+        await fetch(transport, make_request(second))
+        assert server.accepted == 1
+        transport.retire([second])
+        await wait_for(lambda: transport.connection_count(second) == 0)
+        assert transport.idle_count(second) == 0
+
+
+@pytest.mark.anyio
+async def test_discovered_server_connects_to_its_address_under_its_name(transport: PoolTransport) -> None:
+    async with raw_server(OK) as server:
+        named = Server(
+            url=f"http://users.invalid:{server.port}",
+            scheme="http",
+            host="users.invalid",
+            port=server.port,
+            host_header=f"users.invalid:{server.port}".encode(),
+            ip=HOST,
+        )
+        _, body = await fetch(transport, make_request(named))
+        assert body == b"ok"
+        assert b"\r\nhost: users.invalid:" in server.requests[0][0].lower()
+        # Its own pool: not shared with a server that connects to the same address by another name.
+        assert transport.idle_count(named) == 1
+        assert transport.idle_count(server.url_server) == 0

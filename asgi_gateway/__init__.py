@@ -6,10 +6,14 @@ OpenTelemetry traces and metrics. Everything else reaches your app untouched.
 """
 
 from ._config import (
+    AdaptiveConcurrencyConfig,
+    AdminConfig,
     AuthConfig,
+    DiscoveryConfig,
     GatewayConfig,
     HeaderRulesConfig,
     HealthCheckConfig,
+    HedgeConfig,
     JwtConfig,
     OutlierDetectionConfig,
     RateLimitConfig,
@@ -54,6 +58,8 @@ from ._types import BufferedStream, Handler, Request, RequestBody, Response, Ser
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveConcurrencyConfig",
+    "AdminConfig",
     "AuthConfig",
     "BadGateway",
     "BadRequest",
@@ -64,6 +70,7 @@ __all__ = [
     "ConnectError",
     "ConnectTimeout",
     "ConnectionReset",
+    "DiscoveryConfig",
     "Forbidden",
     "Gateway",
     "GatewayConfig",
@@ -73,6 +80,7 @@ __all__ = [
     "Handler",
     "HeaderRulesConfig",
     "HealthCheckConfig",
+    "HedgeConfig",
     "Hooks",
     "HttpxTransport",
     "InvalidResponse",

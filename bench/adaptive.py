@@ -1,6 +1,7 @@
 """Adaptive routing against real upstream processes on 127.0.0.1: the "Slow server" scenario.
 
     python bench/adaptive.py              # 4 runs of 3,000 requests each, about 15 s in all
+    python bench/adaptive.py --scenario stalls|overload|all   # hedging; adaptive concurrency; every table
     python bench/adaptive.py --quick      # CI smoke check: 400 requests per run
     python bench/adaptive.py --json       # one JSON object per run instead of the table
 
@@ -303,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     parser.add_argument(
-        "--scenario", choices=("slow", "stalls", "overload"), default="slow", help="what to run"
+        "--scenario",
+        choices=("slow", "stalls", "overload", "all"),
+        default="slow",
+        help="what to run (all: the three, one after the other)",
     )
     args = parser.parse_args(argv)
     if args.requests is None:
@@ -313,6 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The children find asgi_gateway as this process does (a checkout without installing it).
     root = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    if args.scenario == "all":
+        status = 0
+        for scenario in ("slow", "stalls", "overload"):
+            flags = ["--quick"] * args.quick + ["--json"] * args.json
+            status |= main([*flags, "--seed", str(args.seed), "--scenario", scenario])
+        return status
     if args.scenario == "overload":
         import adaptive_overload
 

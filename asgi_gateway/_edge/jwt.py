@@ -123,11 +123,15 @@ class JwksCache:
         #: Keys by algorithm, for tokens that name no `kid`.
         self._by_algorithm: dict[str, list[PyJWK]] = {}
         self.fetched_at: float | None = None
+        #: Until when the set last fetched may be kept (monotonic time).
+        self.fresh_until: float | None = None
         self.fetches = 0
         self._forced_at: float | None = None
         self._wake: anyio.Event | None = None
         self._done: anyio.Event | None = None
-        self._running = False
+        #: Background loops running now: a reload's new one starts before the old one has
+        #: finished unwinding.
+        self._runs = 0
         self._lock: anyio.Lock | None = None
         #: Set once the fetch asked for by an unknown `kid` is over.
         self._pending: anyio.Event | None = None
@@ -154,7 +158,9 @@ class JwksCache:
             by_algorithm.setdefault(key.algorithm_name, []).append(key)
         self._by_algorithm = by_algorithm
         self.fetched_at = time.monotonic()
-        return _ttl(response.headers.get("cache-control"), self.MIN_TTL, self.MAX_TTL, self.DEFAULT_TTL)
+        ttl = _ttl(response.headers.get("cache-control"), self.MIN_TTL, self.MAX_TTL, self.DEFAULT_TTL)
+        self.fresh_until = self.fetched_at + ttl
+        return ttl
 
     async def _fetch_logged(self, client: httpx.AsyncClient) -> float | None:
         try:
@@ -177,12 +183,22 @@ class JwksCache:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Fetch now, tell `task_status`, then keep the set fresh until cancelled."""
+        """Fetch now (unless the set is still fresh), tell `task_status`, then keep the set
+        fresh until cancelled.
+
+        A set still fresh is kept: a reload hands the running caches to the new config's
+        background work, which must not fetch them all again.
+        """
         self._wake = anyio.Event()
         self._done = anyio.Event()
-        self._running = True
+        self._runs += 1
         try:
-            ttl = await self._fetch_logged(client)
+            now = time.monotonic()
+            ttl: float | None
+            if self.fresh_until is not None and now < self.fresh_until:
+                ttl = self.fresh_until - now
+            else:
+                ttl = await self._fetch_logged(client)
             task_status.started()
             failures = 0 if ttl is not None else 1
             while True:
@@ -196,7 +212,7 @@ class JwksCache:
                 ttl = await self._fetch_logged(client)
                 failures = 0 if ttl is not None else failures + 1
         finally:
-            self._running = False
+            self._runs -= 1
 
     async def refetch(self) -> bool:
         """For a token whose key is not cached: fetch again if allowed, and wait for it.
@@ -214,7 +230,7 @@ class JwksCache:
                 await pending.wait()
             return True
         self._forced_at = now
-        if self._running and self._wake is not None and self._done is not None:
+        if self._runs and self._wake is not None and self._done is not None:
             pending = self._pending = self._done
             self._wake.set()
             with anyio.move_on_after(self.timeout):

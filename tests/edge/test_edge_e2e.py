@@ -325,6 +325,32 @@ def test_a_key_rotation_refuses_no_valid_request(
         assert state.requests == 2
 
 
+def test_a_reload_keeps_the_fetched_keys_without_fetching_them_again(
+    upstreams: Upstreams,
+    standalone_gateway_factory: GatewayFactory,
+    jwks: tuple[JwksServer, str],
+    rsa_keys: Any,
+    tmp_path: Any,
+) -> None:
+    state, url = jwks
+    state.keys = [jwk(rsa_keys[0], "k1")]
+    cfg = config(upstreams, {"path": "/api", "auth": {"jwt": {"jwks_url": url}}}, admin={"path": "/-/gw"})
+    path = tmp_path / "gateway.json"
+    path.write_text(json.dumps(cfg))
+    base = standalone_gateway_factory(str(path))
+    assert state.requests == 1
+    valid = {"authorization": f"Bearer {token(rsa_keys[0], kid='k1')}"}
+    cfg["routes"].append({"path": "/more", "upstream": "u", "auth": {"jwt": {"jwks_url": url}}})
+    path.write_text(json.dumps(cfg))
+    with http_client(base) as client:
+        for _ in range(3):
+            assert client.post("/-/gw/reload").status_code == 200
+        assert client.get("/api/echo", headers=valid).status_code == 200
+        assert client.get("/more/echo", headers=valid).status_code == 200
+    # The set fetched at start-up is still fresh (max-age=300): no reload fetched it again.
+    assert state.requests == 1
+
+
 def test_a_hanging_jwks_server_does_not_delay_requests_with_cached_keys(
     upstreams: Upstreams,
     standalone_gateway_factory: GatewayFactory,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Final
 
@@ -104,6 +105,7 @@ class HealthChecker:
                 tg.start_soon(self._check, config, probe)
 
     async def _check(self, config: HealthCheckConfig, probe: _Probe) -> None:
+        started = time.perf_counter()
         try:
             reason = await self._probe(config, probe.server)
         except Exception as exc:
@@ -116,6 +118,8 @@ class HealthChecker:
                 exc_info=True,
                 extra={"upstream": self._upstream.name, "server": probe.server.url, "reason": reason},
             )
+        # For the status view: what the server answered this check, how fast and when.
+        probe.server.last_check = (reason or "passed", time.perf_counter() - started, time.time())
         try:
             self._record(config, probe, reason)
         except Exception:

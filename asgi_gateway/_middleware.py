@@ -12,9 +12,11 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from ._admin_stats import AdminRecords
 from ._config import GatewayConfig, load_with_digest
 from ._edge.services import EdgeServices
 from ._exceptions import BadRequest, ClientDisconnected, ConfigError, GatewayError, NotFound
+from ._hosting import freeze_heap, hoist, refreeze_heap
 from ._layers.transform import Hooks
 from ._prepare import MAX_HEADER_BYTES, prepare, read_body
 from ._proxy import make_request_id, relay, sane_request_id, send_error
@@ -74,13 +76,18 @@ class Gateway:
         hooks: Mapping[str, Hooks] | None = None,
     ) -> None:
         self.app = app
-        self.telemetry = Telemetry(tracer_provider, meter_provider)
-        self._transport = AutoTransport(transport)
-        self._hooks = hooks
         #: The file `reload()` re-reads, when the gateway was built from one.
         self.config_path = os.fspath(config) if isinstance(config, str | os.PathLike) else None
         loaded, digest = load_with_digest(config)
+        # `{admin.path}/metrics` needs its registry from the start: it sees what the
+        # instruments record, and they are made once.
+        self.telemetry = Telemetry(tracer_provider, meter_provider, prometheus=loaded.admin.path is not None)
+        self._transport = AutoTransport(transport)
+        self._hooks = hooks
         self._state: GatewayState = build_state(loaded, digest, self._transport, self.telemetry, hooks)
+        #: What the admin page shows beyond `status()`: recent 5xx answers, operator actions.
+        self.admin_records = AdminRecords()
+        self._state.watch_servers()
         self._last_error: str | None = None
         self._running = 0
         #: Set by `reload()` while the gateway runs: the new state's background work starts.
@@ -159,13 +166,18 @@ class Gateway:
         loop (a signal handler), where no task could be started.
         """
         async with anyio.create_task_group() as tg:
-            await tg.start(self._state.run)
+            started = self._state
+            await tg.start(started.run)
             task_status.started()
             while True:
-                self._reloaded = anyio.Event()
-                await self._reloaded.wait()
-                # Only the latest: a state replaced before it ran has been stopped anyway.
-                tg.start_soon(self._state.run, name="gateway background")
+                if self._state is started:
+                    self._reloaded = anyio.Event()
+                    await self._reloaded.wait()
+                # Only the latest: a state replaced before it ran has been stopped anyway. A
+                # reload during the first state's start (its DNS lookups, JWKS fetches) is
+                # seen here too, though no one was waiting for it yet.
+                started = self._state
+                tg.start_soon(started.run, name="gateway background")
 
     def lifespan(self, app: object = None) -> contextlib.AbstractAsyncContextManager[None]:
         """For `FastAPI(lifespan=gateway.lifespan)` / `Starlette(lifespan=...)`.
@@ -173,7 +185,13 @@ class Gateway:
         The gateway's health checks run and its connection pool stays open from the app's
         startup to its shutdown, when its connections are closed.
         """
-        return self.running()
+        return self._hosted()
+
+    @contextlib.asynccontextmanager
+    async def _hosted(self) -> AsyncIterator[None]:
+        async with self.running():
+            freeze_heap()
+            yield
 
     def reload(self, config: ConfigSource | None = None) -> None:
         """Replace the running config with `config` (default: re-read `config_path`).
@@ -209,10 +227,14 @@ class Gateway:
             raise
         self._state = state
         self._last_error = None
+        state.watch_servers()
         if isinstance(source, str | os.PathLike):
             self.config_path = os.fspath(source)
-        state.edge.take_over()
+        state.adopt()
         old.stop()
+        for name in old.stacks.keys() - state.stacks.keys():
+            # An upstream gone from the config leaves the available-servers gauge with it.
+            self.telemetry.available.pop(name, None)
         self._transport.retire(removed_servers(old, state))
         if self._reloaded is not None:
             self._reloaded.set()
@@ -225,6 +247,9 @@ class Gateway:
             len(state.config.upstreams),
             extra={"reason": "reloaded"},
         )
+        # A heap frozen once the host started (`_hosting.freeze_heap`) lets the old state go.
+        del old
+        refreeze_heap()
 
     @property
     def draining(self) -> bool:
@@ -247,7 +272,10 @@ class Gateway:
         finished = True
         with anyio.move_on_after(timeout) as waited:
             while self._in_flight:
-                self._idle = anyio.Event()
+                # One event for every drain waiting at once (a second SIGTERM's, the admin's):
+                # a new one per caller would leave the earlier callers waiting on one never set.
+                if self._idle is None or self._idle.is_set():
+                    self._idle = anyio.Event()
                 await self._idle.wait()
         if waited.cancelled_caught:
             finished = False
@@ -259,7 +287,8 @@ class Gateway:
             )
         if not self._sessions:
             return finished
-        self._sessions_ended = anyio.Event()
+        if self._sessions_ended is None or self._sessions_ended.is_set():
+            self._sessions_ended = anyio.Event()
         logger.info(
             "draining: closing %d WebSocket session(s) with 1001",
             len(self._sessions),
@@ -303,6 +332,7 @@ class Gateway:
         assert message["type"] == "lifespan.startup"
         try:
             async with self.running():
+                freeze_heap()
                 await send({"type": "lifespan.startup.complete"})
                 message = await receive()
         except Exception as exc:
@@ -389,6 +419,8 @@ class Gateway:
             self._in_flight -= 1
             if self._idle is not None and not self._in_flight:
                 self._idle.set()
+            if state.admin is not None:
+                self.admin_records.finished(exchange, status, token.span or token.traced)
             self.telemetry.finish(token, exchange, status, error)
 
     #: An HTTP request (`GatewayMiddleware` hands them over with this name).
@@ -521,12 +553,16 @@ class GatewayMiddleware:
             app=app,
             hooks=hooks,
         )
+        # Once hoisted on top of the host's stack, the gateway has seen every request that
+        # reaches here, and found no route for it: they go on to `app`.
+        self._http: ASGIApp = self.gateway.handle_http
+        self._websocket: ASGIApp = self.gateway.handle_websocket
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            await self.gateway.handle_http(scope, receive, send)
+            await self._http(scope, receive, send)
         elif scope["type"] == "websocket":
-            await self.gateway.handle_websocket(scope, receive, send)
+            await self._websocket(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
@@ -558,7 +594,9 @@ class GatewayMiddleware:
                 return message
 
             async def wrapped_send(message: Any) -> None:
-                if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                if message["type"] == "lifespan.startup.complete":
+                    self._host_started(scope)
+                elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                     stop.set()
                     if started:
                         await stopped.wait()
@@ -568,3 +606,12 @@ class GatewayMiddleware:
                 await self.app(scope, wrapped_receive, wrapped_send)
             finally:
                 stop.set()
+
+    def _host_started(self, scope: Scope) -> None:
+        """The host app has started: skip its stack for proxied requests where that is safe
+        (`_hosting.hoist`), and freeze the heap built so far."""
+        host = scope.get("app")
+        if host is not None and hoist(host, self, self.gateway):
+            self._http = self._websocket = self.app
+            logger.debug("serving on top of the host app's middleware stack")
+        freeze_heap()

@@ -101,7 +101,41 @@ def serve(options: ServeOptions) -> int:
         logger.error("cannot listen on %s:%d: %s", options.host, options.port, exc)
         return STARTUP_FAILURE
     logger.info("listening on %s:%d", options.host, listener.getsockname()[1])
-    return Supervisor(options, listener).run()
+    with _shared_metrics():
+        return Supervisor(options, listener).run()
+
+
+@contextlib.contextmanager
+def _shared_metrics() -> Iterator[None]:
+    """Let `{admin.path}/metrics`, whichever worker answers, sum every worker's counters:
+    prometheus_client's multiprocess mode, in a directory of this supervisor's own (unless
+    the environment names one already)."""
+    from ._prometheus import MULTIPROC_DIR
+
+    if os.environ.get(MULTIPROC_DIR):
+        yield
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="asgi-gateway-metrics-") as directory:
+        os.environ[MULTIPROC_DIR] = directory
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROC_DIR]
+
+
+def _forget_gauges(pid: int | None) -> None:
+    """A dead worker's open WebSocket sessions are open no more (its counts stay counted)."""
+    from ._prometheus import MULTIPROC_DIR
+
+    directory = os.environ.get(MULTIPROC_DIR)
+    if pid is None or not directory:
+        return
+    with contextlib.suppress(ImportError, OSError):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -585,6 +619,7 @@ class Supervisor:
             worker.process.join()
             worker.control.close()
             slot.worker = None
+            _forget_gauges(worker.process.pid)
             if self._draining_since is not None:
                 continue
             code = worker.process.exitcode

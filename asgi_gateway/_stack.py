@@ -15,7 +15,7 @@ from ._layers.balancer import make_balancer
 from ._layers.concurrency import ConcurrencyLayer, GradientController, concurrency_layer
 from ._layers.failover import FailoverLayer
 from ._layers.hedge import hedge_layer
-from ._layers.retry import RetryLayer
+from ._layers.retry import InFlight, RetryBudget, RetryLayer
 from ._layers.telemetry import TelemetryLayer
 from ._layers.transform import Hooks, route_hooks, transform_layer
 from ._telemetry import Telemetry
@@ -86,6 +86,8 @@ class UpstreamStack:
     checker: HealthChecker | None
     #: DNS discovery (None without `discovery`): keeps `servers` what the names resolve to.
     discovery: Discovery | None = None
+    #: The retry layer of `handler`: its budget and in-flight count outlive a reload.
+    retry: RetryLayer | None = None
     #: The adaptive concurrency limit (None without `adaptive_concurrency`): the gateway takes
     #: a request's place in it before reading the body.
     concurrency: GradientController | None = field(init=False, default=None)
@@ -93,6 +95,19 @@ class UpstreamStack:
     def __post_init__(self) -> None:
         if isinstance(self.handler, ConcurrencyLayer):
             self.concurrency = self.handler.controller
+
+    def adopt(self) -> None:
+        """Once swapped in by a reload: settle what only this stack's config decides.
+
+        A server kept from a config with health checks may have been marked down by them;
+        without `health_check` now, nothing would ever mark it up again.
+        """
+        if self.checker is None:
+            down = [server for server in self.servers if not server.healthy]
+            for server in down:
+                server.healthy = True
+            if down:
+                self.failover.refresh()
 
     def status(self) -> dict[str, Any]:
         status = self.failover.status()
@@ -122,7 +137,9 @@ def build_stacks(
 
     `previous` are the stacks of the config being replaced: an upstream of the same name
     reuses their servers that stay (`make_servers`, or its discovery's), their outlier
-    detection history and their health checks' runs of passes and failures.
+    detection history, their health checks' runs of passes and failures, the balancer's
+    latency estimates (same kind), the retry budget (same budget settings), the
+    `max_concurrent_requests` count and the adaptive concurrency controller (same settings).
     """
     events = telemetry.events
     wire = TelemetryLayer(transport, telemetry)
@@ -132,12 +149,13 @@ def build_stacks(
         before = previous.get(name) if previous is not None else None
         servers = make_servers(upstream, before.servers if before is not None else ())
         failover = FailoverLayer(upstream, servers, make_balancer(upstream), wire, events)
-        handler = RetryLayer(upstream, failover, events)
-        handler.inner = hedge_layer(upstream, failover, handler.budget, events)
+        budget, in_flight = _carried_counts(upstream, before)
+        attempts = hedge_layer(upstream, failover, budget, events)
+        retry = RetryLayer(upstream, attempts, events, budget=budget, in_flight=in_flight)
         websocket = RetryLayer(
-            upstream, failover.over(upgrades), events, budget=handler.budget, limit_concurrency=False
+            upstream, failover.over(upgrades), events, budget=budget, limit_concurrency=False
         )
-        http = concurrency_layer(upstream, handler, telemetry.concurrency_limits)
+        http = concurrency_layer(upstream, retry, previous=before.concurrency if before is not None else None)
         checker = None
         if upstream.health_check is not None:
             checker = HealthChecker(upstream, servers, transport, failover.refresh, events)
@@ -146,14 +164,34 @@ def build_stacks(
             from ._discovery import Discovery
 
             discovery = Discovery(upstream, servers, failover, checker, getattr(transport, "retire", None))
-            if before is not None and before.discovery is not None:
-                discovery.take_over(before.discovery)
+        if discovery is not None and before is not None and before.discovery is not None:
+            discovery.take_over(before.discovery)
         elif before is not None:
+            # Also for an upstream that gains discovery: until its first lookup its servers
+            # are the ones it had, ejections and runs of health checks included.
             failover.take_over(before.failover)
             if checker is not None and before.checker is not None:
                 checker.take_over(before.checker)
-        stacks[name] = UpstreamStack(upstream, servers, http, websocket, failover, checker, discovery)
+        stacks[name] = UpstreamStack(upstream, servers, http, websocket, failover, checker, discovery, retry)
     return stacks
+
+
+def _carried_counts(upstream: UpstreamConfig, before: UpstreamStack | None) -> tuple[RetryBudget, InFlight]:
+    """The retry budget and `max_concurrent_requests` count for `upstream`'s new retry layer.
+
+    Both belong to the upstream rather than to one config (as Envoy keeps a cluster's state
+    across updates that leave it be): the requests still in flight on the layer a reload
+    replaces keep counting against the limit, and the retries of the last seconds against
+    the budget, unless the budget's own settings changed.
+    """
+    retry = upstream.retry
+    if before is None or before.retry is None:
+        return RetryBudget(retry.budget_ratio, retry.budget_min_per_second), InFlight()
+    old = before.config.retry
+    budget = before.retry.budget
+    if (old.budget_ratio, old.budget_min_per_second) != (retry.budget_ratio, retry.budget_min_per_second):
+        budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_second)
+    return budget, before.retry.slots
 
 
 def build_route_handlers(

@@ -27,6 +27,7 @@ import anyio
 import anyio.abc
 
 from ._admin import Admin
+from ._admin_stats import ServerStats
 from ._config import GatewayConfig
 from ._edge.services import EdgeServices
 from ._layers.transform import Hooks
@@ -67,6 +68,24 @@ class GatewayState:
         self._stopped = True
         if self._background is not None:
             self._background.cancel()
+
+    def adopt(self) -> None:
+        """Once this state is the gateway's (a reload swapped it in): what it shares with the
+        state it replaced is its own now."""
+        self.edge.take_over()
+        for stack in self.stacks.values():
+            stack.adopt()
+
+    def watch_servers(self) -> None:
+        """Keep the admin page's per-server figures for this state's servers while admin is
+        on; drop them (and their cost on the request path) when it is off."""
+        on = self.admin is not None
+        for stack in self.stacks.values():
+            for server in stack.failover.servers:
+                if on and server.stats is None:
+                    server.stats = ServerStats()
+                elif not on:
+                    server.stats = None
 
     def servers(self) -> set[Server]:
         return {server for stack in self.stacks.values() for server in stack.servers}
@@ -121,6 +140,11 @@ def build_state(
     stacks = build_stacks(config, transport, telemetry, previous=previous.stacks if previous else None)
     edge = EdgeServices(config.redis, previous=previous.edge if previous else None)
     route_handlers, websocket_handlers = build_route_handlers(config, stacks, telemetry, edge, hooks)
+    # Only now that nothing can fail: a reload that raises must leave the gauge on the
+    # limits that keep serving.
+    for name, stack in stacks.items():
+        if stack.concurrency is not None:
+            telemetry.concurrency_limits[name] = stack.concurrency
     return GatewayState(
         config=config,
         version=previous.version + 1 if previous is not None else 1,

@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
     from ._layers.concurrency import GradientController
+    from ._prometheus import PrometheusMeter
 
 try:
     from opentelemetry.metrics._internal import _ProxyMeterProvider
@@ -187,7 +188,9 @@ class Telemetry:
     built still counts. The library never sets a global provider itself.
     """
 
-    def __init__(self, tracer_provider: Any = None, meter_provider: Any = None) -> None:
+    def __init__(
+        self, tracer_provider: Any = None, meter_provider: Any = None, *, prometheus: bool = False
+    ) -> None:
         self.tracer_provider: TracerProvider | None = tracer_provider
         self.meter_provider: MeterProvider | None = meter_provider
         #: The tracer, or None while tracing is off (no SDK configured).
@@ -226,6 +229,12 @@ class Telemetry:
         opt_in = {mode.strip() for mode in os.environ.get("OTEL_SEMCONV_STABILITY_OPT_IN", "").split(",")}
         self._host_records_server_duration = bool(opt_in & {"http", "http/dup"})
         self.events = TelemetryEvents(self)
+        #: `{admin.path}/metrics`: with it, every instrument also records in Prometheus form.
+        self.prometheus: PrometheusMeter | None = None
+        if prometheus:
+            from ._prometheus import PrometheusMeter, available
+
+            self.prometheus = PrometheusMeter() if available() else None
         self._resolve()
 
     # -- providers -------------------------------------------------------------------
@@ -260,12 +269,21 @@ class Telemetry:
         if provider is None or isinstance(provider, _ProxyMeterProvider):
             provider = metrics.get_meter_provider()
             if isinstance(provider, _ProxyMeterProvider):
+                if self.prometheus is not None and self._meter is None:
+                    # Prometheus alone until a global provider is set (then both).
+                    alone = self.prometheus.meter(None)
+                    self._create_instruments(alone)
+                    self._meter = alone
                 return
         self._meter_resolved = True
-        if isinstance(provider, metrics.NoOpMeterProvider):
-            return
-        meter = provider.get_meter(_SCOPE_NAME, _version(), schema_url=_SCHEMA_URL)
-        if isinstance(meter, metrics.NoOpMeter):
+        meter: Any = None
+        if not isinstance(provider, metrics.NoOpMeterProvider):
+            meter = provider.get_meter(_SCOPE_NAME, _version(), schema_url=_SCHEMA_URL)
+            if isinstance(meter, metrics.NoOpMeter):
+                meter = None
+        if self.prometheus is not None:
+            meter = self.prometheus.meter(meter)
+        if meter is None:
             return
         self._create_instruments(meter)
         # Only once every instrument exists: a session is counted only where the request

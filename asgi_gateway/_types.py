@@ -191,6 +191,13 @@ class Server:
     ip: str | None = None
     #: Set by `PoolTransport.retire`: gone from its upstream, its connections are no longer kept.
     retired: bool = False
+    #: Drained by an operator (`POST {admin.path}/servers/.../drain`): no new requests until enabled.
+    drained: bool = False
+    #: The last active health check: (result, latency in s, wall-clock time); None before one.
+    last_check: tuple[str, float, float] | None = None
+    #: Its figures over the last minute (`_admin_stats.ServerStats`), kept only while the
+    #: admin endpoints are on; None costs the request path one test.
+    stats: Any = None
 
     @property
     def connect_host(self) -> str:

@@ -80,7 +80,7 @@ MODES = {
         1,
         0,
         50,
-        ("direct", "gateway-off", "gateway-all", "gateway-sdk", "floor-pool"),
+        ("direct", "gateway-off", "gateway-all", "gateway-sdk", "fastapi-off", "floor-pool"),
         ("--quick", "--seconds", "0.005"),
     ),
 }
@@ -110,6 +110,14 @@ CASES = (
          (("BENCH_TRACING", "all"),), gateway=True),
     Case("gateway-sdk", "the SDK's own 2 spans around asgi_gateway (tracing off)", "uvicorn",
          "gateway_app:app", (("BENCH_TRACING", "sdk"),), gateway=True),
+    Case("fastapi-off", "asgi_gateway in FastAPI (add_middleware), tracing off", "uvicorn", "gateway_app:app",
+         (("BENCH_TRACING", "off"), ("BENCH_HOST", "fastapi")), gateway=True),
+    Case("fastapi-sampled", "asgi_gateway in FastAPI, 10% sampled", "uvicorn", "gateway_app:app",
+         (("BENCH_TRACING", "sampled"), ("BENCH_HOST", "fastapi")), gateway=True),
+    Case("fastapi-all", "asgi_gateway in FastAPI, every request traced", "uvicorn", "gateway_app:app",
+         (("BENCH_TRACING", "all"), ("BENCH_HOST", "fastapi")), gateway=True),
+    Case("fastapi-front", "asgi_gateway in front of FastAPI, tracing off", "uvicorn", "gateway_app:app",
+         (("BENCH_TRACING", "off"), ("BENCH_HOST", "fastapi-front")), gateway=True, default=False),
     Case("gateway-httpx", "asgi_gateway on the httpx adapter", "uvicorn", "gateway_app:app",
          (("BENCH_TRACING", "off"), ("BENCH_TRANSPORT", "httpx")), gateway=True),
     Case("asgiproxy", "asgiproxy", "uvicorn", "asgiproxy_app:app", module="asgiproxy"),
@@ -120,6 +128,20 @@ CASES = (
     Case("fastapi-proxy-lib", "fastapi-proxy-lib", "uvicorn", "fastapi_proxy_lib_app:app",
          module="fastapi_proxy_lib"),
 )  # fmt: skip
+
+
+#: The cases `--before TREE` runs again with that checkout's asgi_gateway.
+BEFORE = ("gateway-off", "gateway-sampled", "gateway-all", "fastapi-off", "fastapi-sampled", "fastapi-all")
+
+
+def before_cases(cases: Sequence[Case], tree: Path) -> list[Case]:
+    """The same apps (bench/apps) importing asgi_gateway from `tree`: the figures before a change."""
+    return [
+        Case(f"{case.key}@before", f"{case.label} (before)", case.kind, case.app,
+             (*case.env, ("PYTHONPATH", str(tree))), case.module, gateway=False)
+        for case in cases
+        if case.key in BEFORE
+    ]  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -799,7 +821,8 @@ def targets(
     by = {s.case.key: s for s in summaries}
     peer = by.get("asgiproxy")
     rows: list[tuple[str, str, bool | None]] = []
-    for key, factor in (("gateway-off", 2.5), ("gateway-sampled", 1.5), ("gateway-all", 1.1)):
+    hosted = (("fastapi-off", 2.5), ("fastapi-sampled", 1.5), ("fastapi-all", 1.1))
+    for key, factor in (("gateway-off", 2.5), ("gateway-sampled", 1.5), ("gateway-all", 1.1), *hosted):
         gateway = by.get(key)
         name = f"{gateway.case.label if gateway else key}: ≥ {factor}{TIMES} asgiproxy req/s"
         if gateway and peer:
@@ -808,7 +831,7 @@ def targets(
         else:
             rows.append((name, "not measured", None))
     off, traced, sdk = by.get("gateway-off"), by.get("gateway-all"), by.get("gateway-sdk")
-    name = f"every request traced: tracing CPU ≤ 1.1 {TIMES} the SDK's own cost per span"
+    name = f"every request traced: tracing CPU ≤ {OWN_TRACING} {TIMES} the SDK's own cost per span"
     spans = span_rates.get("gateway-all") or 2.0
     if off and traced and off.cpu_us is not None and traced.cpu_us is not None:
         per_span = (traced.cpu_us - off.cpu_us) / spans
@@ -832,14 +855,21 @@ def targets(
                     name,
                     f"{per_span:.1f} µs per span ({spans:.2f} spans per request) vs {sdk_per_span:.1f} µs "
                     f"for {where}: {ratio:.2f}{TIMES}{extra}",
-                    ratio <= 1.1,
+                    ratio <= OWN_TRACING,
                 )
             )
         else:
             rows.append((name, "not measured", None))
     else:
         rows.append((name, "not measured", None))
-    for key in ("gateway-off", "gateway-sampled", "gateway-all"):
+    for key in (
+        "gateway-off",
+        "gateway-sampled",
+        "gateway-all",
+        "fastapi-off",
+        "fastapi-sampled",
+        "fastapi-all",
+    ):
         gateway = by.get(key)
         name = f"{gateway.case.label if gateway else key}: p99 ≤ asgiproxy's"
         if gateway and peer:
@@ -881,6 +911,9 @@ def targets(
     )
     return rows
 
+
+#: The gateway's tracing may cost at most this factor of the SDK's own calls making the same spans.
+OWN_TRACING = 1.05
 
 #: "Flat": the cost at 1,000 is within this factor of the cost at 3.
 FLAT = 1.5
@@ -969,6 +1002,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated cases: " + ", ".join(c.key for c in CASES))
     parser.add_argument("--out", type=Path, default=BENCH / "results", help="where raw results are written")
     parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="TREE",
+        help="also run the gateway's cases with asgi_gateway imported from TREE (a checkout, e.g. "
+        "`git worktree add /tmp/gw-before HEAD`), in the same rounds: a before/after table",
+    )
+    parser.add_argument(
         "--profile",
         metavar="CASE",
         help="instead of the table: profile one case with py-spy under the 1 KiB load (--seconds long)",
@@ -1014,6 +1054,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         cases.append(case)
 
+    if args.before:
+        cases += before_cases(cases, args.before.resolve())
     started = time.monotonic()
     env_info = {"machine": machine(), "versions": versions(tools)}
     print(f"asgi_gateway bench, {mode.name} run: {mode.rounds} round(s) of {', '.join(c.key for c in cases)}")
@@ -1254,7 +1296,7 @@ def argv_of(args: argparse.Namespace) -> list[str]:
     for flag in ("quick", "smoke", "fallback"):
         if getattr(args, flag):
             out.append(f"--{flag}")
-    for flag in ("rounds", "seconds", "only"):
+    for flag in ("rounds", "seconds", "only", "before"):
         if getattr(args, flag):
             out.append(f"--{flag} {getattr(args, flag)}")
     return out

@@ -35,7 +35,7 @@ def run_smoke(out: Path, *extra: str) -> tuple[str, dict[str, object]]:
 def check_report(stdout: str, raw: dict[str, object]) -> None:
     samples = raw["samples"]
     assert isinstance(samples, list)
-    for case in ("direct", "gateway-off", "gateway-all", "gateway-sdk", "floor-pool"):
+    for case in ("direct", "gateway-off", "gateway-all", "gateway-sdk", "fastapi-off", "floor-pool"):
         for size in ("1k", "1m"):
             measured = [s for s in samples if s["case"] == case and s["size"] == size]
             assert measured, f"no {size} sample for {case}"

@@ -184,7 +184,8 @@ async def test_a_server_that_stays_keeps_its_state_and_connections(upstreams: Up
         kept = before[u1.url]
         connections = gw.pool().connection_count(kept)
         assert connections >= 1
-        kept.healthy = False  # as a failing health check leaves it
+        # (A health verdict kept across a reload: test_reload_interplay.py, with real checks.
+        # Set by hand here, without checks, a reload would rightly clear it.)
         # u2 leaves; a route is added.
         cfg2 = config(
             [{"path": "/", "upstream": "main"}, {"path": "/more", "upstream": "main"}],
@@ -195,10 +196,7 @@ async def test_a_server_that_stays_keeps_its_state_and_connections(upstreams: Up
         assert response.status_code == 200
         (server,) = gw.gateway.stacks["main"].servers
         assert server is kept
-        assert not server.healthy
         assert gw.pool().connection_count(server) == connections
-        kept.healthy = True
-        gw.gateway.stacks["main"].failover.refresh()
         answered = {(await client.get("/more/echo")).headers["x-upstream-name"] for _ in range(4)}
         assert answered == {"u1"}
         # No new connection to u1: the pooled ones served the requests after the reload.
@@ -540,3 +538,28 @@ async def test_a_reload_from_a_loop_callback_starts_the_new_health_checks(
         return None
 
     await anyio.to_thread.run_sync(lambda: wait_until(lambda: u2_state() == "unhealthy", 5))
+
+
+def test_an_upstream_a_reload_removes_leaves_the_available_servers_gauge(upstreams: Upstreams) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    u1 = upstreams["u1"]
+    both = config(
+        [{"path": "/a", "upstream": "a"}, {"path": "/b", "upstream": "b"}], {"a": servers(u1), "b": servers(u1)}
+    )
+    gateway = Gateway(both, meter_provider=MeterProvider(metric_readers=[reader]))
+
+    def reported() -> set[str]:
+        names: set[str] = set()
+        for resource in reader.get_metrics_data().resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == "gateway.upstream.available_servers":
+                        names |= {str(point.attributes["gateway.upstream"]) for point in metric.data.data_points}
+        return names
+
+    assert reported() == {"a", "b"}
+    gateway.reload(config([{"path": "/a", "upstream": "a"}], {"a": servers(u1)}))
+    assert reported() == {"a"}

@@ -185,12 +185,13 @@ def _admin(top: _Reader) -> AdminConfig:
     enabled, data = _optional_section(top, "admin", True)
     if not enabled:
         return AdminConfig()
-    reader = _Reader(data, "admin", ("path", "token", "allow_ips"), top.errors, AdminConfig)
+    reader = _Reader(data, "admin", ("path", "token", "allow_ips", "trace_url"), top.errors, AdminConfig)
     allow = _addresses(reader, "allow_ips")
     return AdminConfig(
         path=reader.string("path"),
         token=reader.string("token"),
         allow_ips=allow if allow is not None else AdminConfig().allow_ips,
+        trace_url=reader.string("trace_url"),
     )
 
 

@@ -285,6 +285,8 @@ class AdminConfig:
     path: str | None = None
     token: str | None = None
     allow_ips: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    #: The status page links each recent error's trace here: `{trace_id}` is replaced.
+    trace_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

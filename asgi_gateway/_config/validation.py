@@ -373,6 +373,13 @@ def _check_lifecycle(drain_timeout: float, drain_delay: float, admin: AdminConfi
             errors.add("admin.path", f"{path!r} must not end with '/' or hold empty, '.' or '..' segments")
     if admin.token is not None and (not isinstance(admin.token, str) or not admin.token):
         errors.add("admin.token", f"{admin.token!r} must be a non-empty string")
+    trace_url = admin.trace_url
+    if trace_url is not None and (
+        not isinstance(trace_url, str)
+        or "{trace_id}" not in trace_url
+        or not trace_url.lower().startswith(("http://", "https://"))
+    ):
+        errors.add("admin.trace_url", f"{trace_url!r} must be an http(s) URL holding {{trace_id}}")
     for i, network in enumerate(admin.allow_ips):
         try:
             ipaddress.ip_network(network, strict=False)

@@ -138,6 +138,13 @@ class Balancer(abc.ABC):
         Called by the failover layer only when `measures_latency` is true.
         """
 
+    def take_over(self, previous: Balancer, servers: Collection[Server]) -> None:  # noqa: B027 - most keep nothing
+        """Carry over what `previous` (the balancer a reload replaces) learned about `servers`.
+
+        Only what a balancer learns from traffic is worth it (`peak_ewma`'s estimates); a
+        balancer of another kind leaves `previous`'s state alone.
+        """
+
 
 def _allowed(servers: Sequence[Server], exclude: Collection[Server]) -> list[Server]:
     excluded = set(exclude)
@@ -594,6 +601,17 @@ class PeakEwmaBalancer(_WeightedDraws):
             state = latency[server]
             state.estimate = min(self.estimate(server, now), median)
             state.stamp = now
+
+    def take_over(self, previous: Balancer, servers: Collection[Server]) -> None:
+        if not isinstance(previous, PeakEwmaBalancer):
+            return
+        latency = previous._latency
+        for server in servers:
+            state = latency.get(server)
+            if state is not None:
+                # The same object: the answers still coming back to the replaced config's
+                # requests go on feeding the estimate.
+                self._latency[server] = state
 
     def estimate(self, server: Server, now: float | None = None) -> float:
         """`server`'s latency estimate in seconds at `now` (0.0: not measured)."""

@@ -54,13 +54,23 @@ def concurrency_layer(
     upstream: UpstreamConfig,
     inner: Handler,
     registry: MutableMapping[str, GradientController] | None = None,
+    *,
+    previous: GradientController | None = None,
 ) -> Handler:
     """`inner` itself for an upstream without `adaptive_concurrency`, else a `ConcurrencyLayer`
-    over it with a controller of its own, put in `registry` (the limit gauge's) by upstream name."""
+    over it, put in `registry` (the limit gauge's) by upstream name.
+
+    Its controller is `previous` (the one of the config a reload replaces) when that was
+    built from the same settings: the limit learned so far and the requests holding a place
+    in it carry on. Otherwise it has a controller of its own.
+    """
     config = upstream.adaptive_concurrency
     if config is None:
         return inner
-    controller = GradientController(config, upstream.name)
+    if previous is not None and previous.config == config:
+        controller = previous
+    else:
+        controller = GradientController(config, upstream.name)
     if registry is not None:
         registry[upstream.name] = controller
     return ConcurrencyLayer(inner, controller)
@@ -73,6 +83,7 @@ class GradientController:
     `clock` and `rng` are there for tests (deterministic time and jitter).
 
     Attributes:
+        config: The settings it was built from.
         limit: Requests allowed in flight now.
         in_flight: Requests holding a place now.
         min_rtt: The last minimum RTT measured, in seconds (None before the first).
@@ -99,6 +110,7 @@ class GradientController:
         "_rng",
         "_samples",
         "_window_end",
+        "config",
         "epoch",
         "in_flight",
         "limit",
@@ -117,6 +129,7 @@ class GradientController:
         rng: random.Random | None = None,
     ) -> None:
         self.name = name
+        self.config = config
         self._min = config.min_limit
         self._max = config.max_limit
         self._interval = config.interval

@@ -70,16 +70,24 @@ class _Failures:
 class _Attempt:
     """Runs when an attempt's response is closed: release the server, judge the body."""
 
-    __slots__ = ("exchange", "judged", "layer", "server")
+    __slots__ = ("exchange", "judged", "layer", "server", "started")
 
-    def __init__(self, layer: FailoverLayer, server: Server, exchange: Exchange, judged: bool) -> None:
+    def __init__(
+        self, layer: FailoverLayer, server: Server, exchange: Exchange, judged: bool, started: float
+    ) -> None:
         self.layer = layer
         self.server = server
         self.exchange = exchange
         self.judged = judged
+        self.started = started
 
     def __call__(self, response: Response, error: BaseException | None) -> None:
-        self.server.in_flight -= 1
+        server = self.server
+        server.in_flight -= 1
+        stats = server.stats
+        if stats is not None:
+            # The admin page's figures: kept only while the admin endpoints are on.
+            stats.record(self.layer._clock() - self.started, error is not None or response.status >= 500)
         if self.judged:
             return
         if error is None:
@@ -196,6 +204,8 @@ class FailoverLayer(Handler):
             response = await inner.handle_request(request)
         except BaseException as exc:
             server.in_flight -= 1
+            if server.stats is not None:
+                server.stats.record(self._clock() - started, True)
             if isinstance(exc, UpstreamError) and exc.retry_condition in FAILURE_CONDITIONS:
                 self._failure(server, exc.retry_condition or "", exchange)
                 if self._observe is not None:
@@ -206,7 +216,7 @@ class FailoverLayer(Handler):
             self._failure(server, str(response.status), exchange)
         if self._observe is not None:
             self._observe(server, self._clock() - started, failed)
-        response.on_close(_Attempt(self, server, exchange, failed))
+        response.on_close(_Attempt(self, server, exchange, failed, started))
         if response.server is None:
             response.server = server
         return response
@@ -255,9 +265,10 @@ class FailoverLayer(Handler):
         upstream name and URL): what lives on the `Server` (health verdict, ejection
         time and count, consecutive failures, requests in flight) goes along by itself;
         this adds what `previous` keeps of its own: which of them are ejected now and their
-        recent failure history. The balancer's own state (round-robin position, latency
-        estimates) starts afresh. Only reads `previous`, which serves on unchanged until
-        the swap; the servers returned are the ones to `retire` once it is done.
+        recent failure history, and what a balancer of the same kind learned of them
+        (`peak_ewma`'s latency estimates, shared with `previous`'s from now on). Only reads
+        `previous`, which serves on until the swap; the servers returned are the ones to
+        `retire` once it is done.
         """
         now = self._clock()
         for server in self._servers:
@@ -266,6 +277,9 @@ class FailoverLayer(Handler):
                 self._failures[server] = failures
             if server in previous._ejected:
                 self._ejected.add(server)
+        self._balancer.take_over(previous._balancer, self._servers)
+        if self._backup_balancer is not None and previous._backup_balancer is not None:
+            self._backup_balancer.take_over(previous._backup_balancer, self._servers)
         self._recompute(now)
         mine = set(self._servers)
         return [server for server in previous._servers if server not in mine]
@@ -300,7 +314,7 @@ class FailoverLayer(Handler):
         elif group == "backup":
             candidates = self._backups
         elif group == "panic":
-            candidates = self._servers
+            candidates = [server for server in self._servers if not server.drained]
         else:
             return False
         return any(server not in tried for server in candidates)
@@ -333,6 +347,8 @@ class FailoverLayer(Handler):
             draining = server in self._draining
             if draining:
                 state = "draining"
+            elif server.drained:
+                state = "drained"
             elif ejected:
                 state = "ejected"
             elif not server.healthy:
@@ -346,7 +362,9 @@ class FailoverLayer(Handler):
                     "backup": server.backup,
                     "weight": server.weight,
                     "state": state,
-                    "available": not ejected and server.healthy and not draining,
+                    "index": server.index,
+                    "available": not ejected and server.healthy and not draining and not server.drained,
+                    "drained": server.drained,
                     "healthy": server.healthy,
                     "ejected": ejected,
                     "ejected_for": round(remaining, 3) if remaining is not None else None,
@@ -360,11 +378,24 @@ class FailoverLayer(Handler):
                     "consecutive_failures": server.consecutive_failures,
                     "recent_failures": recent,
                     "last_failure": failures.last_reason,
+                    "last_check": (
+                        {
+                            "result": server.last_check[0],
+                            "latency": round(server.last_check[1], 6),
+                            "at": datetime.fromtimestamp(server.last_check[2], UTC).isoformat(
+                                timespec="milliseconds"
+                            ),
+                        }
+                        if server.last_check is not None
+                        else None
+                    ),
+                    **(server.stats.summary() if server.stats is not None else {}),
                 }
             )
         return {
             "upstream": self._name,
             "mode": self._group or "unavailable",
+            "balancer": self._upstream.balancer,
             "available": len(self._primaries) + len(self._backups),
             "health_check": (
                 {"path": check.path, "interval": check.interval, "timeout": check.timeout}
@@ -430,7 +461,7 @@ class FailoverLayer(Handler):
         for server in self._servers:
             if server in self._ejected:
                 soonest = min(soonest, server.ejected_until)
-            elif server.healthy:
+            elif server.healthy and not server.drained:
                 (backups if server.backup else primaries).append(server)
         self._next_expiry = soonest
         group: Group | None
@@ -438,8 +469,9 @@ class FailoverLayer(Handler):
             group, members = "primary", primaries
         elif backups:
             group, members = "backup", backups
-        elif self._upstream.panic:
-            group, members = "panic", list(self._servers)
+        elif self._upstream.panic and any(not server.drained for server in self._servers):
+            # Panic sends to every server but those an operator drained.
+            group, members = "panic", [server for server in self._servers if not server.drained]
         else:
             group, members = None, []
         self._primaries = primaries

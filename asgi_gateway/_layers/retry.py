@@ -24,7 +24,7 @@ from .._exceptions import ConcurrencyLimitExceeded, TotalTimeout, UpstreamError
 from .._loop import running_task
 from .._types import IDEMPOTENT_METHODS, NULL_EVENTS, GatewayEvents, Handler, Request, Response, may_resend
 
-__all__ = ["IDEMPOTENT_METHODS", "RetryBudget", "RetryLayer", "may_resend"]
+__all__ = ["IDEMPOTENT_METHODS", "InFlight", "RetryBudget", "RetryLayer", "may_resend"]
 
 logger = logging.getLogger("asgi_gateway.retry")
 
@@ -102,6 +102,19 @@ class RetryBudget:
         return sum(self._retries)
 
 
+class InFlight:
+    """The requests of one upstream holding a `max_concurrent_requests` place.
+
+    An object of its own so that a reload's new retry layer counts the requests still in
+    flight on the one it replaces: the limit is the upstream's, not one config's.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 def _retry_after(response: Response) -> float | None:
     """Seconds an upstream's `Retry-After` asks for (delta-seconds or HTTP-date), or None."""
     for name, value in response.headers:
@@ -135,8 +148,9 @@ class RetryLayer(Handler):
       response is closed. Overflow raises `ConcurrencyLimitExceeded` (503) at once.
 
     `budget` may be shared with another retry layer of the upstream (its WebSocket
-    handshakes'); `limit_concurrency=False` leaves `max_concurrent_requests` out (sessions
-    do not count against it). `sleep` and `rng` are there for tests: pass a sleep that
+    handshakes', or the one a reload replaces), and so may `in_flight` (the count of
+    requests holding a place); `limit_concurrency=False` leaves `max_concurrent_requests`
+    out (sessions do not count against it). `sleep` and `rng` are there for tests: pass a sleep that
     returns at once to turn the backoff off.
     """
 
@@ -147,6 +161,7 @@ class RetryLayer(Handler):
         events: GatewayEvents = NULL_EVENTS,
         *,
         budget: RetryBudget | None = None,
+        in_flight: InFlight | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         rng: random.Random | None = None,
         limit_concurrency: bool = True,
@@ -168,14 +183,20 @@ class RetryLayer(Handler):
         self._total = upstream.timeouts.total
         self._max_concurrent = upstream.max_concurrent_requests if limit_concurrency else math.inf
         #: Requests holding a concurrency slot now.
-        self.in_flight = 0
+        self.slots = in_flight if in_flight is not None else InFlight()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a concurrency slot now."""
+        return self.slots.count
 
     async def handle_request(self, request: Request) -> Response:
-        if self.in_flight >= self._max_concurrent:
+        slots = self.slots
+        if slots.count >= self._max_concurrent:
             raise ConcurrencyLimitExceeded(
                 f"upstream {self.upstream.name!r} has {self._max_concurrent} requests in flight"
             )
-        self.in_flight += 1
+        slots.count += 1
         request.connect_timeout = self._connect_timeout
         request.read_timeout = self._read_timeout
         self.budget.record_request()
@@ -204,13 +225,13 @@ class RetryLayer(Handler):
             if deadline.expired:
                 raise self._total_timeout(request)
         except BaseException:
-            self.in_flight -= 1
+            slots.count -= 1
             raise
         response.on_close(self._release)
         return response
 
     def _release(self, response: Response, error: BaseException | None) -> None:
-        self.in_flight -= 1
+        self.slots.count -= 1
 
     def _total_timeout(self, request: Request) -> TotalTimeout:
         return TotalTimeout(

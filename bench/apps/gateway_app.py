@@ -9,6 +9,9 @@
     BENCH_TRANSPORT   pool (the built-in HTTP/1.1 client) | httpx (the httpx adapter)
     BENCH_MAX_CONNECTIONS  the built-in pool's connections per server (default: its own, 100)
     BENCH_SPAN_COUNT_FILE  where SIGUSR1 writes how many spans were recorded (optional)
+    BENCH_HOST        none (the `Gateway` itself) | fastapi (a FastAPI app with
+                      `app.add_middleware(GatewayMiddleware, ...)`, as users write it)
+                      | fastapi-front (`GatewayMiddleware(fastapi_app, ...)` served in front of it)
 
 Every layer is on: round-robin over the servers, outlier detection, active health checks
 with a long interval (so they cost nothing during a run) and 3 attempts per request.
@@ -196,12 +199,31 @@ def make_app() -> Any:
             transport=_ClientSpans(transport or PoolTransport(), tracer),
         )
         return _with_server_spans(gateway, tracer)
-    return Gateway(
-        {"routes": routes, "upstreams": upstreams},
-        tracer_provider=provider,
-        meter_provider=NoOpMeterProvider(),
-        transport=transport,
-    )
+    options: dict[str, Any] = {
+        "tracer_provider": provider,
+        "meter_provider": NoOpMeterProvider(),
+        "transport": transport,
+    }
+    config = {"routes": routes, "upstreams": upstreams}
+    host = os.environ.get("BENCH_HOST", "none")
+    if host == "none":
+        return Gateway(config, **options)
+    if host not in ("fastapi", "fastapi-front"):
+        raise SystemExit(f"BENCH_HOST must be none, fastapi or fastapi-front, not {host!r}")
+    from fastapi import FastAPI
+
+    from asgi_gateway import GatewayMiddleware
+
+    fastapi_app = FastAPI()
+
+    @fastapi_app.get("/own")
+    async def own() -> dict[str, bool]:
+        return {"own": True}
+
+    if host == "fastapi-front":
+        return GatewayMiddleware(fastapi_app, config=config, **options)
+    fastapi_app.add_middleware(GatewayMiddleware, config=config, **options)
+    return fastapi_app
 
 
 app = make_app()

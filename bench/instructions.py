@@ -1,0 +1,583 @@
+"""Instructions per request, counted by valgrind (deterministic, unlike time on a shared machine).
+
+    python bench/instructions.py                       # every set-up below, tracing off
+    python bench/instructions.py --setup fastapi --tracing sampled
+    python bench/instructions.py --layers              # the new layers' cost on routes without them
+    python bench/instructions.py --tree /tmp/gw-old    # the same driver against another checkout
+
+Each figure is valgrind's (`--tool=callgrind`) instruction count of a whole process driving
+2N requests minus that of one driving N, divided by N: start-up, imports and the first
+requests' warm-up cancel out. The driver is `bench/hotpath.py`'s: a fake ASGI receive/send
+call the app directly, one request after another, and the transport returns a 1 KiB
+response at once, as the built-in client does when a whole response arrived with its head.
+The app is started and stopped through the ASGI lifespan, as uvicorn does.
+
+Set-ups (`--setup`):
+    standalone        the `Gateway` itself as the ASGI app
+    starlette         `Starlette()` with `app.add_middleware(GatewayMiddleware, ...)`
+    fastapi           `FastAPI()` with `app.add_middleware(GatewayMiddleware, ...)`
+    fastapi-inner     as fastapi, with a user middleware added after the gateway's, so
+                      the gateway stays where Starlette puts it (inside the host's stack)
+
+`--layers` compares a config with a second route and upstream that use none of the newer
+layers with the same config where they use all of them (hedge, adaptive_concurrency, DNS
+discovery, rate limit, auth, ip rules, transformation; and the admin page): the measured
+route's requests must cost the same in both. With `--calls`, each layer alone, by calls.
+
+Without valgrind (`--no-valgrind`), or `--requests`, the driver runs once and prints CPU µs
+per request instead (noisy on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+SETUPS = ("standalone", "starlette", "fastapi", "fastapi-inner")
+TRACING = ("off", "unsampled", "sampled", "all", "sdk")
+
+_BODY = b"x" * 1024
+_UPSTREAM_HEAD = [
+    (b"server", b"nginx"),
+    (b"date", b"Tue, 24 Nov 2026 06:00:00 GMT"),
+    (b"content-type", b"text/plain"),
+    (b"content-length", b"1024"),
+    (b"connection", b"keep-alive"),
+]
+_SCOPE: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0", "spec_version": "2.4"},
+    "http_version": "1.1",
+    "server": ("127.0.0.1", 8000),
+    "client": ("127.0.0.1", 50000),
+    "scheme": "http",
+    "method": "GET",
+    "root_path": "",
+    "path": "/1k",
+    "raw_path": b"/1k",
+    "query_string": b"",
+    "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")],
+    "state": {},
+}
+_REQUEST_MESSAGE = {"type": "http.request", "body": b"", "more_body": False}
+
+
+#: What `--layers` configures on a second route and upstream, one at a time and all at once.
+LAYERS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    # name: (the upstream's keys, the route's keys, top-level keys)
+    "hedge": ({"hedge": {"delay": 0.05}}, {}, {}),
+    "adaptive_concurrency": ({"adaptive_concurrency": {}}, {}, {}),
+    "discovery": ({"discovery": {"type": "dns", "interval": 3600.0}}, {}, {}),
+    "rate_limit": ({}, {"rate_limit": {"rate": 1000, "per": 1.0}}, {}),
+    "auth": ({}, {"auth": {"jwt": {"secret": "s" * 32, "algorithms": ["HS256"]}}}, {}),
+    "ip_rules": ({}, {"allow_ips": ["127.0.0.0/8"], "deny_ips": ["127.0.0.9"]}, {}),
+    "transform": (
+        {},
+        {
+            "request_headers": {"set": {"x-edge": "1"}},
+            "response_headers": {"remove": ["server"]},
+            "rewrite": {"pattern": "^/edge/(.*)$", "replacement": "/\\1"},
+        },
+        {},
+    ),
+    "admin": ({}, {}, {"admin": {"path": "/-/admin"}}),
+}
+CONFIGS = ("plain", "layers:none", "layers", *(f"layers:{name}" for name in LAYERS))
+
+
+def config(kind: str) -> dict[str, Any]:
+    """The bench's config (bench/apps/gateway_app.py's layers) and, for "layers", a second
+    route and upstream with every layer of `LAYERS` ("layers:NAME": with that one only)."""
+    servers = [{"url": f"http://127.0.0.1:{port}"} for port in (9001, 9002, 9003)]
+    upstreams: dict[str, Any] = {
+        "backend": {
+            "servers": servers,
+            "balancer": "round_robin",
+            "health_check": {"path": "/healthz", "interval": 3600.0},
+            "outlier_detection": {"consecutive_failures": 5},
+            "retry": {"attempts": 3},
+            "max_concurrent_requests": 4000,
+        }
+    }
+    routes: list[dict[str, Any]] = [{"path": "/", "upstream": "backend"}]
+    result: dict[str, Any] = {"routes": routes, "upstreams": upstreams}
+    if kind.startswith("layers"):
+        one = kind.partition(":")[2]
+        names = list(LAYERS) if kind == "layers" else [] if one == "none" else [one]
+        upstream: dict[str, Any] = {"servers": [{"url": "http://localhost:9004"}], "retry": {"attempts": 2}}
+        route: dict[str, Any] = {"path": "/edge", "upstream": "edge"}
+        for name in names:
+            upstream_keys, route_keys, top_keys = LAYERS[name]
+            upstream.update(upstream_keys)
+            route.update(route_keys)
+            result.update(top_keys)
+        upstreams["edge"] = upstream
+        # First, so that every request of the measured route is matched past it.
+        routes.insert(0, route)
+    return result
+
+
+def _ids() -> Any:
+    """The same ids in every run, whatever else draws from `random`: the same requests sampled."""
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+
+    class Ids(IdGenerator):
+        def __init__(self) -> None:
+            self.count = 0
+
+        def generate_span_id(self) -> int:
+            self.count += 1
+            return (self.count * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF or 1
+
+        def generate_trace_id(self) -> int:
+            self.count += 1
+            return (self.count << 64) | ((self.count * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+
+        def is_trace_id_random(self) -> bool:
+            return True
+
+    return Ids()
+
+
+def _tracer_provider(level: str) -> Any:
+    from opentelemetry import trace
+
+    if level == "off":
+        return trace.NoOpTracerProvider()
+    if level == "sdk":
+        level = "all"
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    class Discard(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    sampler = {"unsampled": ALWAYS_OFF, "sampled": ParentBased(TraceIdRatioBased(0.1)), "all": ALWAYS_ON}[
+        level
+    ]
+    provider = TracerProvider(sampler=sampler, id_generator=_ids())
+    # As in bench/run.py's apps: batches of 512, dropped by the exporter in the SDK's thread.
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    return provider
+
+
+def build(setup: str, tracing: str, kind: str) -> Any:
+    from opentelemetry.metrics import NoOpMeterProvider
+
+    from asgi_gateway import Gateway, GatewayMiddleware
+    from asgi_gateway._types import BufferedStream, Request, Response, Transport
+
+    class Instant(Transport):
+        async def handle_request(self, request: Request) -> Response:
+            return Response(200, list(_UPSTREAM_HEAD), BufferedStream(_BODY), request.server, "127.0.0.1")
+
+    options: dict[str, Any] = {
+        "transport": Instant(),
+        "tracer_provider": _tracer_provider(tracing),
+        "meter_provider": NoOpMeterProvider(),
+    }
+    if tracing == "sdk":
+        from opentelemetry import trace
+
+        tracer = options["tracer_provider"].get_tracer("bench")
+        options["tracer_provider"] = trace.NoOpTracerProvider()
+        options["transport"] = _client_spans(options["transport"], tracer)
+        if setup != "standalone":
+            raise SystemExit("bench: --tracing sdk is for --setup standalone")
+        return _server_spans(Gateway(config(kind), **options), tracer)
+    if setup == "standalone":
+        return Gateway(config(kind), **options)
+    if setup == "starlette":
+        from starlette.applications import Starlette
+
+        host: Any = Starlette()
+    else:
+        from fastapi import FastAPI
+
+        host = FastAPI()
+    host.add_middleware(GatewayMiddleware, config=config(kind), **options)
+    if setup == "fastapi-inner":
+
+        class Outer:
+            def __init__(self, app: Any) -> None:
+                self.app = app
+
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                await self.app(scope, receive, send)
+
+        host.add_middleware(Outer)
+    return host
+
+
+def _client_spans(inner: Any, tracer: Any) -> Any:
+    """The SDK's CLIENT span per attempt, made the plainest way (bench/apps/gateway_app.py's)."""
+    from opentelemetry import trace
+
+    from asgi_gateway._types import Request, Response, Transport
+
+    class ClientSpans(Transport):
+        async def handle_request(self, request: Request) -> Response:
+            server = request.server
+            assert server is not None
+            span = tracer.start_span(
+                request.method,
+                kind=trace.SpanKind.CLIENT,
+                attributes={
+                    "http.request.method": request.method,
+                    "server.address": server.host,
+                    "server.port": server.port,
+                    "url.full": server.url + request.target.decode("latin-1"),
+                },
+            )
+            try:
+                response: Response = await inner.handle_request(request)
+            except BaseException:
+                span.end()
+                raise
+            span.set_attribute("http.response.status_code", response.status)
+            response.on_close(lambda response, error: span.end())
+            return response
+
+    return ClientSpans()
+
+
+def _server_spans(gateway: Any, tracer: Any) -> Any:
+    """The SDK's SERVER span around each request, current while the gateway handles it."""
+    from opentelemetry import context, trace
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await gateway(scope, receive, send)
+            return
+        client = scope.get("client")
+        span = tracer.start_span(
+            f"{scope['method']} /",
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "http.route": "/",
+                "http.request.method": scope["method"],
+                "url.path": scope["path"],
+                "url.scheme": scope["scheme"],
+                "gateway.upstream": "backend",
+                "client.address": client[0] if client else "",
+            },
+        )
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            await gateway(scope, receive, send)
+        finally:
+            span.set_attribute("http.response.status_code", 200)
+            span.end()
+            context.detach(token)
+
+    return app
+
+
+class _Receive:
+    """A request's receive(): its (empty) body, then, as a server's does, a wait for the
+    disconnect, which never comes. (Answering at once instead would make the gateway's
+    disconnect watch, started when a request outlasts 50 ms, busy: under valgrind some do.)"""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    async def __call__(self) -> dict[str, Any]:
+        if self.sent:
+            await asyncio.get_running_loop().create_future()
+        self.sent = True
+        return _REQUEST_MESSAGE
+
+
+async def drive(app: Any, requests: int) -> float:
+    """Start `app` through the lifespan, send it `requests` requests, stop it: CPU s per request."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    lifespan = asyncio.ensure_future(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, outbox.put)
+    )
+    await inbox.put({"type": "lifespan.startup"})
+    started = await asyncio.wait_for(outbox.get(), 30)
+    assert started["type"] == "lifespan.startup.complete", started
+
+    statuses: list[int] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    begin = time.process_time()
+    for _ in range(requests):
+        await app({**_SCOPE, "state": {}}, _Receive(), send)
+    spent = time.process_time() - begin
+    await inbox.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(outbox.get(), 30)
+    await asyncio.wait_for(lifespan, 30)
+    if statuses != [200] * requests:
+        raise SystemExit(f"bench: the gateway answered {sorted(set(statuses))}, not only 200")
+    return spent / requests
+
+
+def patch_sdk() -> None:
+    """The smallest change to the SDK measured here (`--sdk-patch`): `BoundedAttributes` stores
+    a plain value (str within the length limit, bool, int, float) as it is, without
+    `_clean_attribute_value`'s isinstance chain and, for a mapping, the cleaned copy of it.
+    What the SDK does with anything else is unchanged."""
+    from opentelemetry import attributes
+
+    plain = (bool, int, float)
+    bounded = attributes.BoundedAttributes
+    original_setitem = bounded.__setitem__
+    original_set_items = bounded._set_items
+
+    def clean(self: Any, value: Any) -> bool:
+        kind = type(value)
+        if kind is str:
+            return self.max_value_len is None or len(value) <= self.max_value_len
+        return kind in plain
+
+    def setitem(self: Any, key: str, value: Any) -> None:
+        if self._immutable or type(key) is not str or not key or not clean(self, value):
+            original_setitem(self, key, value)
+            return
+        with self._lock:
+            values = self._dict
+            if key in values:
+                del values[key]
+            if self.maxlen is not None and len(values) >= self.maxlen:
+                self._setitem_locked(key, value)
+            else:
+                values[key] = value
+
+    def set_items(self: Any, items: Any) -> None:
+        # Only the first set, into an empty mapping, that fits: then it is a plain copy.
+        if (
+            self._immutable
+            or self._dict
+            or type(items) is not dict
+            or (self.maxlen is not None and len(items) > self.maxlen)
+        ):
+            original_set_items(self, items)
+            return
+        for key, value in items.items():
+            if type(key) is not str or not key or not clean(self, value):
+                original_set_items(self, items)
+                return
+        with self._lock:
+            self._dict.update(items)
+
+    bounded.__setitem__ = setitem  # type: ignore[method-assign]
+    bounded._set_items = set_items  # type: ignore[method-assign]
+
+
+def run_once(setup: str, tracing: str, kind: str, requests: int, sdk_patch: bool = False) -> float:
+    if sdk_patch:
+        patch_sdk()
+    # The same trace ids (and so the same sampling decisions) in every run.
+    random.seed(20)
+    return asyncio.run(drive(build(setup, tracing, kind), requests))
+
+
+def call_counts(setup: str, tracing: str, kind: str, requests: int) -> dict[str, float]:
+    """Calls per request of each function (cProfile: deterministic counts)."""
+    import cProfile
+    import pstats
+
+    app = build(setup, tracing, kind)
+    random.seed(20)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    asyncio.run(drive(app, requests))
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    out: dict[str, float] = {}
+    for (filename, line, name), (_, ncalls, *_rest) in stats.items():
+        where = filename.split("site-packages/")[-1].split("/work/main/")[-1]
+        out[f"{name} ({where}:{line})"] = ncalls / requests
+    return out
+
+
+def layers_calls(setup: str, tracing: str, requests: int) -> str:
+    """Per `--layers` config: the calls per request added on the route that uses none of them."""
+    plain = call_counts(setup, tracing, "plain", requests)
+    base = call_counts(setup, tracing, "layers:none", requests)
+    lines = [
+        f"calls per request on the measured route, {setup}, tracing {tracing}: {sum(plain.values()):.1f} "
+        f"alone, {sum(base.values()):.1f} beside a second route and upstream without layers; with "
+        "these on the second one:"
+    ]
+    for kind in CONFIGS[2:]:
+        counts = call_counts(setup, tracing, kind, requests)
+        added = sorted(
+            ((counts.get(k, 0.0) - base.get(k, 0.0), k) for k in set(counts) | set(base)), reverse=True
+        )
+        extra = sum(counts.values()) - sum(base.values())
+        most = ", ".join(f"{name} {per:+.1f}" for per, name in added[:3] if per >= 0.5)
+        lines.append(f"  {kind:<28} {extra:+6.1f}" + (f"  ({most})" if most else ""))
+    return "\n".join(lines)
+
+
+def calls(setup: str, tracing: str, kind: str, requests: int, top: int) -> str:
+    """Function calls per request by package, and the OpenTelemetry functions called most."""
+    import cProfile
+    import pstats
+
+    app = build(setup, tracing, kind)
+    random.seed(20)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    asyncio.run(drive(app, requests))
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    by_package: dict[str, int] = {}
+    otel: list[tuple[float, str]] = []
+    for (filename, line, name), (_, ncalls, *_rest) in stats.items():
+        package = "opentelemetry" if "opentelemetry" in filename else (
+            "asgi_gateway" if "asgi_gateway" in filename else "builtins" if filename == "~" else "other"
+        )  # fmt: skip
+        by_package[package] = by_package.get(package, 0) + ncalls
+        if package == "opentelemetry":
+            where = filename.split("opentelemetry/", 1)[-1]
+            otel.append((ncalls / requests, f"{name} ({where}:{line})"))
+    lines = [
+        f"calls per request, {setup}, tracing {tracing} (cProfile, {requests} requests; lifespan included)"
+    ]
+    lines += [f"  {package:<14} {count / requests:8.1f}" for package, count in sorted(by_package.items())]
+    lines.append("  OpenTelemetry functions, most called:")
+    lines += [f"  {per:8.2f}  {name}" for per, name in sorted(otel, reverse=True)[:top]]
+    return "\n".join(lines)
+
+
+# -- under valgrind ------------------------------------------------------------------------------
+
+
+def count(
+    tree: Path | None, setup: str, tracing: str, kind: str, requests: int, sdk_patch: bool = False
+) -> int:
+    """valgrind's instruction count of a whole process driving `requests` requests."""
+    with tempfile.TemporaryDirectory(prefix="gw-callgrind-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        env = dict(os.environ)
+        env["PYTHONHASHSEED"] = "0"
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree)
+        command = [
+            "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
+            "--compress-strings=no", sys.executable, str(Path(__file__).resolve()), "--child",
+            "--setup", setup, "--tracing", tracing, "--config", kind, "--requests", str(requests),
+            *(["--sdk-patch"] if sdk_patch else []),
+        ]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp, timeout=1800)
+        if done.returncode != 0:
+            raise SystemExit(f"bench: valgrind run failed:\n{done.stderr[-2000:]}")
+        for line in out.read_text().splitlines():
+            match = re.match(r"(?:summary|totals):\s+(\d+)", line)
+            if match:
+                return int(match.group(1))
+    raise SystemExit("bench: no instruction total in callgrind's output")
+
+
+def per_request(
+    tree: Path | None, setup: str, tracing: str, kind: str, requests: int, sdk_patch: bool = False
+) -> float:
+    return (
+        count(tree, setup, tracing, kind, 2 * requests, sdk_patch)
+        - count(tree, setup, tracing, kind, requests, sdk_patch)
+    ) / requests
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setup", choices=SETUPS, action="append")
+    parser.add_argument("--tracing", choices=TRACING, action="append")
+    parser.add_argument("--config", choices=CONFIGS, default="plain")
+    parser.add_argument(
+        "--layers", action="store_true", help="the cost of configured layers on a route without them"
+    )
+    parser.add_argument("--requests", type=int, default=1000, help="N: the runs drive N and 2N requests")
+    parser.add_argument("--tree", type=Path, action="append", help="a checkout to import asgi_gateway from")
+    parser.add_argument(
+        "--no-valgrind", action="store_true", help="time one run instead (CPU µs per request)"
+    )
+    parser.add_argument(
+        "--calls", action="store_true", help="count function calls per request instead (cProfile)"
+    )
+    parser.add_argument(
+        "--sdk-patch", action="store_true", help="with the SDK change measured here (patch_sdk) applied"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="the median of this many figures (timers make them vary by ~2%%)",
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    setups = args.setup or (["standalone", "fastapi"] if args.layers else list(SETUPS))
+    levels = args.tracing or ["off"]
+    kinds = list(CONFIGS) if args.layers else [args.config]
+    if args.layers and not args.calls and shutil.which("valgrind") and not args.no_valgrind:
+        kinds = ["layers:none", "layers"]
+    if args.child:
+        run_once(setups[0], levels[0], args.config, args.requests, args.sdk_patch)
+        return 0
+    if args.calls and args.layers:
+        for setup in setups:
+            for level in levels:
+                print(layers_calls(setup, level, args.requests), flush=True)
+        return 0
+    if args.calls:
+        for setup in setups:
+            for level in levels:
+                print(calls(setup, level, args.config, args.requests, 40))
+        return 0
+    if args.no_valgrind or shutil.which("valgrind") is None:
+        if not args.no_valgrind:
+            print("valgrind not found (apt-get install valgrind): CPU time instead", file=sys.stderr)
+        for setup in setups:
+            for level in levels:
+                for kind in kinds:
+                    spent = run_once(setup, level, kind, args.requests, args.sdk_patch)
+                    print(f"{setup:<14} tracing {level:<10} {kind:<7} {spent * 1e6:7.1f} µs per request")
+        return 0
+    trees: list[Path | None] = list(args.tree or [None])
+    print(f"instructions per request (valgrind: {2 * args.requests} requests minus {args.requests})")
+    header = f"{'set-up':<14} {'tracing':<10} {'config':<7}" + "".join(
+        f" {str(tree or 'this tree')[-18:]:>18}" for tree in trees
+    )
+    print(header)
+    for setup in setups:
+        for level in levels:
+            for kind in kinds:
+                cells = [
+                    statistics.median(
+                        per_request(tree, setup, level, kind, args.requests, args.sdk_patch)
+                        for _ in range(args.repeat)
+                    )
+                    for tree in trees
+                ]
+                line = f"{setup:<14} {level:<10} {kind:<7}" + "".join(f" {cell:18,.0f}" for cell in cells)
+                if len(cells) == 2:
+                    line += f"  {cells[1] / cells[0]:.4f}{chr(215)}"
+                print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

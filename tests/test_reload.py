@@ -547,7 +547,8 @@ def test_an_upstream_a_reload_removes_leaves_the_available_servers_gauge(upstrea
     reader = InMemoryMetricReader()
     u1 = upstreams["u1"]
     both = config(
-        [{"path": "/a", "upstream": "a"}, {"path": "/b", "upstream": "b"}], {"a": servers(u1), "b": servers(u1)}
+        [{"path": "/a", "upstream": "a"}, {"path": "/b", "upstream": "b"}],
+        {"a": servers(u1), "b": servers(u1)},
     )
     gateway = Gateway(both, meter_provider=MeterProvider(metric_readers=[reader]))
 
@@ -557,7 +558,9 @@ def test_an_upstream_a_reload_removes_leaves_the_available_servers_gauge(upstrea
             for scope in resource.scope_metrics:
                 for metric in scope.metrics:
                     if metric.name == "gateway.upstream.available_servers":
-                        names |= {str(point.attributes["gateway.upstream"]) for point in metric.data.data_points}
+                        names |= {
+                            str(point.attributes["gateway.upstream"]) for point in metric.data.data_points
+                        }
         return names
 
     assert reported() == {"a", "b"}

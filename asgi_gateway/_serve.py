@@ -19,27 +19,20 @@ run_worker(): a Gateway under GatewayServer (a uvicorn.Server)
 
 uvicorn's own supervisor restarts every worker on SIGHUP, and its server closes the listeners at
 the first SIGTERM and ends WebSocket sessions with 1012: both lose requests that need not be lost.
-The supervisor talks to its workers over a socket pair rather than with signals so that a signal
-delivered to the whole process group (Ctrl+C in a terminal, systemd's stop) and the supervisor's
-forwarding of it count as one, not as the "second signal" that means "exit now"; and so that a
-worker notices its supervisor is gone (end of file) and drains instead of serving on as an orphan.
+The supervisor is in `_supervisor`, the file watcher of --watch in `_watch`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
-import hashlib
 import logging
-import multiprocessing
-import os
-import select
 import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,30 +42,17 @@ from typing import Any
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
-from ._config import load_config
 from ._exceptions import ConfigError
+from ._supervisor import DRAIN, EXIT_NOW, RELOAD, STARTED, Supervisor, bind, shared_metrics
+from ._watch import watch_config
 
-__all__ = ["GatewayServer", "ServeOptions", "Supervisor", "run_worker", "serve"]
+__all__ = ["GatewayServer", "ServeOptions", "run_worker", "serve"]
 
 logger = logging.getLogger("asgi_gateway")
-
-# One byte per command on a worker's control socket.
-_RELOAD = b"r"  # supervisor → worker: reload the config file
-_DRAIN = b"d"  # supervisor → worker: drain and exit
-_EXIT_NOW = b"x"  # supervisor → worker: exit at once
-_STARTED = b"s"  # worker → supervisor: serving
-
-#: --watch: reload once the directory has been quiet this long (ms), at most this late (ms).
-_WATCH_STEP_MS = 200
-_WATCH_DEBOUNCE_MS = 1600
 
 #: uvicorn's own wait for the tasks left once `gateway.drain()` has returned (s): the drain
 #: already waited `drain_timeout` for them, so what is left now is cancelled soon.
 _AFTER_DRAIN_GRACE = 1
-
-#: Past drain_delay + drain_timeout, the supervisor waits this long (s) for its workers to
-#: exit before it kills them.
-_SUPERVISOR_MARGIN = 10.0
 
 
 @dataclass(frozen=True)
@@ -96,58 +76,14 @@ def serve(options: ServeOptions) -> int:
         return 0
     _configure_logging(options.logging)
     try:
-        listener = _bind(options.host, options.port)
+        listener = bind(options.host, options.port)
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", options.host, options.port, exc)
         return STARTUP_FAILURE
     logger.info("listening on %s:%d", options.host, listener.getsockname()[1])
-    with _shared_metrics():
-        return Supervisor(options, listener).run()
-
-
-@contextlib.contextmanager
-def _shared_metrics() -> Iterator[None]:
-    """Let `{admin.path}/metrics`, whichever worker answers, sum every worker's counters:
-    prometheus_client's multiprocess mode, in a directory of this supervisor's own (unless
-    the environment names one already)."""
-    from ._prometheus import MULTIPROC_DIR
-
-    if os.environ.get(MULTIPROC_DIR):
-        yield
-        return
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="asgi-gateway-metrics-") as directory:
-        os.environ[MULTIPROC_DIR] = directory
-        try:
-            yield
-        finally:
-            del os.environ[MULTIPROC_DIR]
-
-
-def _forget_gauges(pid: int | None) -> None:
-    """A dead worker's open WebSocket sessions are open no more (its counts stay counted)."""
-    from ._prometheus import MULTIPROC_DIR
-
-    directory = os.environ.get(MULTIPROC_DIR)
-    if pid is None or not directory:
-        return
-    with contextlib.suppress(ImportError, OSError):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """The one listening socket every worker accepts on (each calls listen() on its copy)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    with shared_metrics():
+        worker = functools.partial(run_worker, options)
+        return Supervisor(worker, listener, workers=options.workers, config_path=options.config_path).run()
 
 
 def _configure_logging(spec: str) -> None:
@@ -273,9 +209,10 @@ class GatewayServer(uvicorn.Server):
             self._control.setblocking(False)
             loop.add_reader(self._control.fileno(), self._on_control)
             with contextlib.suppress(OSError):
-                self._control.send(_STARTED)
+                self._control.send(STARTED)
         if self.watch:
-            self._spawn(self._watch_config())
+            path = Path(self.gateway.config_path)  # absolute: `serve` made it so
+            self._spawn(watch_config(path, lambda: self._reload("config file changed"), self._stop_watching))
         if self._reload_pending:
             self._reload_pending = False
             self._reload("SIGHUP")
@@ -342,44 +279,6 @@ class GatewayServer(uvicorn.Server):
         gc.unfreeze()
         gc.collect()
         gc.freeze()
-
-    async def _watch_config(self) -> None:
-        """Reload when the config file's content changes (--watch).
-
-        The directories are watched, not the file: editors save by writing a new file and
-        renaming it over the old one, and a Kubernetes ConfigMap volume swaps a `..data`
-        symlink, so the file's own inode may never change. Any change in them counts only
-        if the file's bytes differ from what was last seen.
-        """
-        from watchfiles import awatch
-
-        path = Path(self.gateway.config_path)  # absolute: `serve` made it so
-        last = _digest(path)
-        while not self._stop_watching.is_set():
-            watched = _watched_dirs(path)
-            try:
-                async for _ in awatch(
-                    *watched,
-                    watch_filter=None,
-                    recursive=False,
-                    step=_WATCH_STEP_MS,
-                    debounce=_WATCH_DEBOUNCE_MS,
-                    stop_event=self._stop_watching,
-                ):
-                    digest = _digest(path)
-                    if digest is not None and digest != last:
-                        last = digest
-                        self._reload("config file changed")
-                    if _watched_dirs(path) != watched:
-                        break  # the file now resolves elsewhere: watch there
-            except Exception as exc:
-                # A watched directory that went away, too many inotify watches, ...: keep serving
-                # (SIGHUP still reloads) and try again.
-                logger.error(
-                    "cannot watch %s: %s; trying again in 5s", path, exc, extra={"reason": "watch-failed"}
-                )
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop_watching.wait(), 5.0)
 
     # -- drain -----------------------------------------------------------------------------
 
@@ -461,12 +360,12 @@ class GatewayServer(uvicorn.Server):
                 self._begin_drain("the supervisor is gone")
             return
         for command in (data[i : i + 1] for i in range(len(data))):
-            if command == _RELOAD:
+            if command == RELOAD:
                 self._reload("SIGHUP")
-            elif command == _DRAIN and not self._drain_requested:
+            elif command == DRAIN and not self._drain_requested:
                 self._drain_requested = True
                 self._begin_drain("drain (from the supervisor)")
-            elif command == _EXIT_NOW:
+            elif command == EXIT_NOW:
                 self._exit_now("exit now (from the supervisor)")
 
     def _spawn(self, coroutine: Any) -> None:
@@ -491,214 +390,3 @@ def _connection_close(app: Any) -> Callable[..., Any]:
         await app(scope, receive, send_closing)
 
     return closing
-
-
-def _digest(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None  # mid-swap, or gone: nothing to reload yet
-
-
-def _watched_dirs(path: Path) -> tuple[str, ...]:
-    """The file's directory and, for a symlink to elsewhere, its target's directory.
-
-    A target inside the file's own directory tree (a ConfigMap's `..2024_…/gateway.yaml`) is
-    not watched: that directory is replaced on each update, while the rename of `..data`
-    shows in the file's directory.
-    """
-    here = path.parent
-    there = Path(os.path.realpath(path)).parent
-    if there == here or here in there.parents:
-        return (str(here),)
-    return (str(here), str(there))
-
-
-# -- the supervisor ------------------------------------------------------------------------
-
-
-@dataclass
-class _Worker:
-    process: multiprocessing.process.BaseProcess
-    control: socket.socket
-    started_at: float
-    serving: bool = False
-    eof: bool = False
-
-
-@dataclass
-class _Slot:
-    worker: _Worker | None = None
-    not_before: float = 0.0
-    failures: int = 0
-
-
-class Supervisor:
-    """N worker processes serving one listening socket; restarts those that die.
-
-    SIGHUP is passed on as "reload" (each worker reloads in-process: nothing restarts);
-    SIGTERM/SIGINT as "drain", and a second one as "exit now".
-    """
-
-    def __init__(self, options: ServeOptions, listener: socket.socket) -> None:
-        self.options = options
-        self.listener = listener
-        self._slots = [_Slot() for _ in range(options.workers)]
-        self._signals: list[int] = []
-        self._draining_since: float | None = None
-        self._ever_served = False
-        self._drain_budget = 30.0
-
-    def run(self) -> int:
-        self._read_drain_budget()
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        handled = [signal.SIGHUP, signal.SIGINT, signal.SIGTERM]
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
-        # A signal then wakes the select() below at once.
-        previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        logger.info("supervisor [%d]: starting %d workers", os.getpid(), self.options.workers)
-        try:
-            return self._loop(wake_r)
-        finally:
-            signal.set_wakeup_fd(previous_wakeup)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            wake_r.close()
-            wake_w.close()
-            with contextlib.suppress(OSError):
-                self.listener.close()
-
-    def _loop(self, wake: socket.socket) -> int:
-        while True:
-            self._handle_signals()
-            status = self._tend_workers()
-            if status is not None:
-                return status
-            controls = [
-                slot.worker.control for slot in self._slots if slot.worker is not None and not slot.worker.eof
-            ]
-            readable, _, _ = select.select([wake, *controls], [], [], 0.5)
-            for sock in readable:
-                if sock is wake:
-                    with contextlib.suppress(OSError):
-                        wake.recv(4096)
-                else:
-                    self._read_control(sock)
-
-    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
-        # Handled in the loop, where the worker list is not being changed.
-        self._signals.append(sig)
-
-    def _handle_signals(self) -> None:
-        while self._signals:
-            sig = self._signals.pop(0)
-            if sig == signal.SIGHUP:
-                logger.info("supervisor: SIGHUP: every worker reloads %s", self.options.config_path)
-                self._read_drain_budget()
-                self._send(_RELOAD)
-            elif self._draining_since is None:
-                logger.info("supervisor: %s: the workers drain", signal.Signals(sig).name)
-                self._draining_since = time.monotonic()
-                # The workers' copies keep the socket listening until each has drained; this
-                # one must not keep it open (and queuing connections) after the last has.
-                self.listener.close()
-                self._send(_DRAIN)
-            else:
-                logger.warning("supervisor: %s again: the workers exit now", signal.Signals(sig).name)
-                self._send(_EXIT_NOW)
-
-    def _tend_workers(self) -> int | None:
-        """Reap the workers that exited and start their replacements; the status to exit with."""
-        now = time.monotonic()
-        for slot in self._slots:
-            worker = slot.worker
-            if worker is None or worker.process.is_alive():
-                continue
-            worker.process.join()
-            worker.control.close()
-            slot.worker = None
-            _forget_gauges(worker.process.pid)
-            if self._draining_since is not None:
-                continue
-            code = worker.process.exitcode
-            if not worker.serving and not self._ever_served:
-                # Broken from the start (the app, the config): every new one would fail alike.
-                logger.error("worker [%s] failed to start (exit code %s)", worker.process.pid, code)
-                self._stop_all()
-                return STARTUP_FAILURE
-            # One that keeps dying soon after it started is started again ever later.
-            lived = now - worker.started_at
-            slot.failures = 0 if worker.serving and lived > 10 else slot.failures + 1
-            slot.not_before = now + min(30.0, 0.5 * (2**slot.failures - 1))
-            logger.error("worker [%s] exited (code %s); starting another", worker.process.pid, code)
-        if self._draining_since is not None:
-            if all(slot.worker is None for slot in self._slots):
-                return 0
-            if now > self._draining_since + self._drain_budget + _SUPERVISOR_MARGIN:
-                logger.error("supervisor: workers still running past the drain time; killing them")
-                self._stop_all(kill=True)
-            return None
-        for slot in self._slots:
-            if slot.worker is None and now >= slot.not_before:
-                slot.worker = self._start()
-        return None
-
-    def _start(self) -> _Worker:
-        ours, theirs = socket.socketpair()
-        context = multiprocessing.get_context("spawn")
-        process = context.Process(
-            target=run_worker, args=(self.options, self.listener, theirs), name="asgi-gateway worker"
-        )
-        process.start()
-        theirs.close()
-        ours.setblocking(False)
-        return _Worker(process, ours, time.monotonic())
-
-    def _read_control(self, sock: socket.socket) -> None:
-        try:
-            data = sock.recv(64)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        for slot in self._slots:
-            worker = slot.worker
-            if worker is not None and worker.control is sock:
-                if _STARTED in data:
-                    worker.serving = True
-                    self._ever_served = True
-                # End of file: the worker is exiting; its process is reaped in the loop.
-                worker.eof = not data
-
-    def _send(self, command: bytes) -> None:
-        for slot in self._slots:
-            if slot.worker is not None:
-                with contextlib.suppress(OSError):
-                    slot.worker.control.send(command)
-
-    def _stop_all(self, kill: bool = False) -> None:
-        for slot in self._slots:
-            worker = slot.worker
-            if worker is None:
-                continue
-            if kill:
-                worker.process.kill()
-            else:
-                with contextlib.suppress(OSError):
-                    worker.control.send(_EXIT_NOW)
-            worker.process.join(10.0)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join(5.0)
-            worker.control.close()
-            slot.worker = None
-
-    def _read_drain_budget(self) -> None:
-        """How long the workers may take to drain: the file's drain_delay + drain_timeout."""
-        try:
-            config = load_config(self.options.config_path)
-        except ConfigError:
-            return  # the workers say why; keep the last known numbers
-        self._drain_budget = config.drain_delay + config.drain_timeout

@@ -1,8 +1,8 @@
 """Configuration: typed, frozen models, loading from files or mappings, validation.
 
 `models` holds the config sections, `validation` the `GatewayConfig` that checks itself on
-construction, `reader` and `load` turn plain data (a file's, a mapping's) into one, and
-`templates` parses header rule values and rewrite replacements.
+construction, `reader` and `load` (with `load_upstream` for the `upstreams` sections) turn
+plain data (a file's, a mapping's) into one, and `templates` parses header rule values and rewrite replacements.
 """
 
 # `name as name` re-exports what `__all__` leaves out but is imported from here: by the

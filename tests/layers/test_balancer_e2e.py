@@ -13,7 +13,7 @@ import httpx
 import pytest
 from servers import UpstreamProcess, Upstreams, wait_until
 
-from asgi_gateway._layers import balancer as balancer_module
+from asgi_gateway._layers.balancer import peak_ewma
 
 STATUS = "/-/gateway/status"
 NAMES = ("u1", "u2", "u3")
@@ -216,7 +216,7 @@ async def test_peak_ewma_moves_traffic_off_a_slow_server_and_back_when_it_recove
 ) -> None:
     # The decay shortened from 10 s to 0.5 s, so that a slow server is tried again (and found
     # fast) within a second or two rather than tens of seconds.
-    monkeypatch.setattr(balancer_module, "PEAK_EWMA_DECAY", 0.5)
+    monkeypatch.setattr(peak_ewma, "PEAK_EWMA_DECAY", 0.5)
     slow = upstreams.u1
     base = gateway_factory(gateway_config(equal(upstreams), "peak_ewma"))
     served: list[str] = []

@@ -24,8 +24,13 @@ layers with the same config where they use all of them (hedge, adaptive_concurre
 discovery, rate limit, auth, ip rules, transformation; and the admin page): the measured
 route's requests must cost the same in both. With `--calls`, each layer alone, by calls.
 
-Without valgrind (`--no-valgrind`), or `--requests`, the driver runs once and prints CPU µs
-per request instead (noisy on a shared machine).
+Traced runs (`--tracing sampled|all|sdk`) end spans through a `BatchSpanProcessor`, as
+bench/run.py's apps do; its export thread wakes on wall time, which varies their counts by a
+few percent. `BENCH_SPAN_PROCESSOR=simple` drops each span as it ends instead, in the request's
+thread: deterministic, for comparing two versions of the SDK's path (`--sdk-patch`).
+
+Without valgrind (`--no-valgrind`) the driver runs once and prints CPU µs per request instead
+(noisy on a shared machine); `--calls` counts function calls per request (cProfile).
 """
 
 from __future__ import annotations
@@ -160,7 +165,12 @@ def _tracer_provider(level: str) -> Any:
     if level == "sdk":
         level = "all"
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SimpleSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
 
     class Discard(SpanExporter):
@@ -171,8 +181,13 @@ def _tracer_provider(level: str) -> Any:
         level
     ]
     provider = TracerProvider(sampler=sampler, id_generator=_ids())
-    # As in bench/run.py's apps: batches of 512, dropped by the exporter in the SDK's thread.
-    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    if os.environ.get("BENCH_SPAN_PROCESSOR") == "simple":
+        # Each span dropped as it ends, in the request's thread: no export thread whose
+        # wake-ups (every 5 s of wall time, which valgrind stretches) vary the counts.
+        provider.add_span_processor(SimpleSpanProcessor(Discard()))
+    else:
+        # As in bench/run.py's apps: batches of 512, dropped by the exporter in the SDK's thread.
+        provider.add_span_processor(BatchSpanProcessor(Discard()))
     return provider
 
 

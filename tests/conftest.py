@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 # Upstreams lives in servers.py: test modules import it from there (a `conftest` module name is
 # ambiguous once several test folders have one); it stays importable from here too.
-from servers import UpstreamProcess, Upstreams, make_host_app, serve_app, start_upstreams, transport_kwargs
+from servers import (
+    FileGateway,
+    UpstreamProcess,
+    Upstreams,
+    make_host_app,
+    serve_app,
+    start_upstreams,
+    transport_kwargs,
+)
 
 
 @pytest.fixture
@@ -116,3 +125,21 @@ def standalone_gateway_factory(serve: Callable[..., str], transport_kind: str) -
         return serve(Gateway(config, **_with_transport(kwargs, transport_kind)))
 
     return factory
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Callable[..., FileGateway]]:
+    """`served(config, **gateway_kwargs) -> FileGateway`, started; stopped after the test."""
+    started: list[FileGateway] = []
+
+    def factory(cfg: dict[str, Any], **kwargs: Any) -> FileGateway:
+        served = FileGateway(tmp_path / "gateway.json", cfg, **kwargs)
+        served.server.start()
+        started.append(served)
+        return served
+
+    try:
+        yield factory
+    finally:
+        for served in started:
+            served.server.stop()

@@ -43,6 +43,7 @@ __all__ = [
     "HOST",
     "UPSTREAM_APP",
     "BrokenServer",
+    "FileGateway",
     "GatewayServer",
     "RawConnection",
     "RawResponse",
@@ -488,6 +489,47 @@ class GatewayServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class FileGateway:
+    """A `Gateway` built from a JSON config file (so `reload()` re-reads it), under uvicorn in a
+    thread of this process: a test can write the file, reload, and look at the gateway's objects."""
+
+    def __init__(self, path: Path, cfg: dict[str, Any], **kwargs: Any) -> None:
+        import asyncio
+
+        from asgi_gateway import Gateway
+
+        self.path = path
+        self.write(cfg)
+        self.gateway = Gateway(str(path), **kwargs)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server = GatewayServer(self._app, interface="asgi3")
+
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        import asyncio
+
+        self.loop = asyncio.get_running_loop()
+        await self.gateway(scope, receive, send)
+
+    async def in_gateway(self, coroutine: Any) -> Any:
+        """Run `coroutine` on the gateway's own event loop; wait for its result here."""
+        import asyncio
+
+        assert self.loop is not None
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return await asyncio.wrap_future(future)
+
+    def write(self, cfg: dict[str, Any]) -> None:
+        self.path.write_text(json.dumps(cfg))
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def pool(self) -> Any:
+        """The built-in pool the gateway opened."""
+        return self.gateway._transport._inner
 
 
 @contextlib.contextmanager

@@ -22,9 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import GatewayServer, UpstreamProcess, Upstreams, free_port, wait_until
-
-from asgi_gateway import Gateway
+from servers import FileGateway, UpstreamProcess, Upstreams, free_port, wait_until
 
 ADMIN = "/-/gateway"
 CHROMIUM = os.environ.get("GATEWAY_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -53,38 +51,6 @@ def gateway_config(
         "upstreams": {"main": upstream},
         "admin": {"path": ADMIN, **admin},
     }
-
-
-class Served:
-    def __init__(self, path: Path, cfg: dict[str, Any], **kwargs: Any) -> None:
-        self.path = path
-        self.write(cfg)
-        self.gateway = Gateway(str(path), **kwargs)
-        self.server = GatewayServer(self.gateway)
-
-    def write(self, cfg: dict[str, Any]) -> None:
-        self.path.write_text(json.dumps(cfg))
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    started: list[Served] = []
-
-    def factory(cfg: dict[str, Any], **kwargs: Any) -> Served:
-        served = Served(tmp_path / "gateway.json", cfg, **kwargs)
-        served.server.start()
-        started.append(served)
-        return served
-
-    try:
-        yield factory
-    finally:
-        for served in started:
-            served.server.stop()
 
 
 def server_row(status: dict[str, Any], index: int) -> dict[str, Any]:
@@ -116,7 +82,7 @@ def browser() -> Iterator[Any]:
 def test_the_page_follows_health_and_drains_a_server(
     browser: Any,
     upstream_factory: Callable[..., UpstreamProcess],
-    served: Callable[..., Served],
+    served: Callable[..., FileGateway],
     tmp_path: Path,
 ) -> None:
     a, b, c = upstream_factory("a"), upstream_factory("b"), upstream_factory("c")
@@ -169,7 +135,9 @@ def test_the_page_follows_health_and_drains_a_server(
         page.close()
 
 
-def test_the_page_is_complete_without_javascript(upstreams: Upstreams, served: Callable[..., Served]) -> None:
+def test_the_page_is_complete_without_javascript(
+    upstreams: Upstreams, served: Callable[..., FileGateway]
+) -> None:
     u1, u2 = upstreams.u1, upstreams.u2
     cfg = gateway_config(u1, u2, trace_url="http://localhost:16686/trace/{trace_id}")
     # Names come from the config: they must be shown, never parsed as markup.
@@ -213,7 +181,7 @@ def test_the_page_is_complete_without_javascript(upstreams: Upstreams, served: C
 
 
 def test_drain_survives_a_reload_and_refuses_unknown_servers(
-    upstreams: Upstreams, served: Callable[..., Served]
+    upstreams: Upstreams, served: Callable[..., FileGateway]
 ) -> None:
     u1, u2 = upstreams.u1, upstreams.u2
     cfg = gateway_config(u1, u2)
@@ -242,7 +210,7 @@ def test_drain_survives_a_reload_and_refuses_unknown_servers(
 
 
 def test_the_new_endpoints_follow_token_addresses_and_origin(
-    upstreams: Upstreams, served: Callable[..., Served]
+    upstreams: Upstreams, served: Callable[..., FileGateway]
 ) -> None:
     u1 = upstreams.u1
     cfg = gateway_config(u1, token="s3cret")
@@ -288,7 +256,7 @@ def samples(text: str) -> dict[str, list[Any]]:
     return found
 
 
-def test_metrics_count_the_requests_made(upstreams: Upstreams, served: Callable[..., Served]) -> None:
+def test_metrics_count_the_requests_made(upstreams: Upstreams, served: Callable[..., FileGateway]) -> None:
     u1, u2 = upstreams.u1, upstreams.u2
     u2.fail(503, count=3)
     gw = served(gateway_config(u1, u2))

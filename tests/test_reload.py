@@ -8,7 +8,6 @@ file the gateway was started from, as an operator's would.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
@@ -19,7 +18,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from servers import GatewayServer, UpstreamProcess, Upstreams, wait_until
+from servers import FileGateway, UpstreamProcess, Upstreams, wait_until
 from test_websocket import WsUpstream, ask, session_id, ws
 
 from asgi_gateway import ConfigError, Gateway
@@ -40,55 +39,7 @@ def servers(*processes: UpstreamProcess) -> dict[str, Any]:
     }
 
 
-class Served:
-    """A `Gateway` built from a JSON file, under uvicorn in a thread."""
-
-    def __init__(self, path: Path, cfg: dict[str, Any], **kwargs: Any) -> None:
-        self.path = path
-        self.write(cfg)
-        self.gateway = Gateway(str(path), **kwargs)
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.server = GatewayServer(self._app, interface="asgi3")
-
-    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
-        self.loop = asyncio.get_running_loop()
-        await self.gateway(scope, receive, send)
-
-    async def in_gateway(self, coroutine: Any) -> Any:
-        """Run `coroutine` on the gateway's own event loop; wait for its result here."""
-        assert self.loop is not None
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        return await asyncio.wrap_future(future)
-
-    def write(self, cfg: dict[str, Any]) -> None:
-        self.path.write_text(json.dumps(cfg))
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def pool(self) -> Any:
-        return self.gateway._transport._inner
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Any]:
-    started: list[Served] = []
-
-    def factory(cfg: dict[str, Any], **kwargs: Any) -> Served:
-        served = Served(tmp_path / "gateway.json", cfg, **kwargs)
-        served.server.start()
-        started.append(served)
-        return served
-
-    try:
-        yield factory
-    finally:
-        for served in started:
-            served.server.stop()
-
-
-async def reload(client: httpx.AsyncClient, served: Served, cfg: dict[str, Any]) -> httpx.Response:
+async def reload(client: httpx.AsyncClient, served: FileGateway, cfg: dict[str, Any]) -> httpx.Response:
     served.write(cfg)
     return await client.post(f"{ADMIN}/reload")
 

@@ -18,13 +18,11 @@ import anyio
 import httpx
 import pytest
 from servers import HOST, Upstreams, wait_until
-from test_reload import config, reload, served, servers
+from test_reload import config, reload, servers
 
 from asgi_gateway import ConfigError, Gateway
 
 pytestmark = pytest.mark.anyio
-
-__all__ = ["served"]
 
 
 def upstream_status(gw: Any, name: str = "main") -> dict[str, Any]:

@@ -29,8 +29,9 @@ class Route:
     max_message_size: int | None
     #: The prefix as a tuple of segments: "/api/users" -> ("api", "users").
     segments: tuple[bytes, ...]
-    #: `rewrite`: the compiled pattern, and the replacement as a template of `re`'s own.
-    rewrite: tuple[re.Pattern[bytes], bytes] | None = None
+    #: `rewrite`: the compiled pattern, and the replacement as its parts (literal bytes, or
+    #: a group's number or name).
+    rewrite: tuple[re.Pattern[bytes], tuple[bytes | int | str, ...]] | None = None
 
     def accepts(self, method: str, host: str | None) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -138,10 +139,15 @@ class Router:
         if found is None or found[0].rewrite is None:
             return found
         route, path = found
-        pattern, template = found[0].rewrite
-        rewritten, hits = pattern.subn(template, path, 1)
-        if not hits:
+        pattern, parts = found[0].rewrite
+        hit = pattern.search(path)
+        if hit is None:
             return found
+        # The parts put together here: `re`'s own template expansion (`subn` with a template)
+        # parses the template again on every call.
+        group = hit.group
+        replaced = b"".join([part if isinstance(part, bytes) else group(part) or b"" for part in parts])
+        rewritten = path[: hit.start()] + replaced + path[hit.end() :]
         if route.index in self._alone and rewritten[:1] == b"/" and _NOT_PLAIN(rewritten) is None:
             return route, rewritten
         # The result goes through the same rules as a client's path (dot segments, empty
@@ -232,16 +238,8 @@ class Router:
 _NOT_PLAIN: Final = re.compile(rb"/\.|//|[%\\;]").search
 
 
-def _rewrite(spec: RouteConfig) -> tuple[re.Pattern[bytes], bytes] | None:
-    if spec.rewrite is None:
-        return None
-    pattern, parts = compile_rewrite(spec.rewrite)
-    # `re` expands its own templates in one call: backslashes escaped, groups as \g<...>.
-    template = b"".join(
-        part.replace(b"\\", b"\\\\") if isinstance(part, bytes) else b"\\g<%s>" % str(part).encode()
-        for part in parts
-    )
-    return pattern, template
+def _rewrite(spec: RouteConfig) -> tuple[re.Pattern[bytes], tuple[bytes | int | str, ...]] | None:
+    return None if spec.rewrite is None else compile_rewrite(spec.rewrite)
 
 
 def _merge_slashes(path: bytes) -> bytes:

@@ -100,7 +100,14 @@ LAYERS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     ),
     "admin": ({}, {}, {"admin": {"path": "/-/admin"}}),
 }
-CONFIGS = ("plain", "layers:none", "layers", *(f"layers:{name}" for name in LAYERS))
+#: The measured route itself with three header rules and a rewrite (`--config transform`,
+#: against `plain`: the transformation's own cost).
+TRANSFORM: dict[str, Any] = {
+    "request_headers": {"set": {"x-edge": "1"}, "add": {"x-via": "gateway"}},
+    "response_headers": {"remove": ["server"]},
+    "rewrite": {"pattern": "^/(.*)$", "replacement": "/v2/$1"},
+}
+CONFIGS = ("plain", "layers:none", "layers", *(f"layers:{name}" for name in LAYERS), "transform")
 
 
 def config(kind: str) -> dict[str, Any]:
@@ -117,7 +124,9 @@ def config(kind: str) -> dict[str, Any]:
             "max_concurrent_requests": 4000,
         }
     }
-    routes: list[dict[str, Any]] = [{"path": "/", "upstream": "backend"}]
+    routes: list[dict[str, Any]] = [
+        {"path": "/", "upstream": "backend", **(TRANSFORM if kind == "transform" else {})}
+    ]
     result: dict[str, Any] = {"routes": routes, "upstreams": upstreams}
     if kind.startswith("layers"):
         one = kind.partition(":")[2]
@@ -437,7 +446,7 @@ def layers_calls(setup: str, tracing: str, requests: int) -> str:
         f"alone, {sum(base.values()):.1f} beside a second route and upstream without layers; with "
         "these on the second one:"
     ]
-    for kind in CONFIGS[2:]:
+    for kind in CONFIGS[2:-1]:
         counts = call_counts(setup, tracing, kind, requests)
         added = sorted(
             ((counts.get(k, 0.0) - base.get(k, 0.0), k) for k in set(counts) | set(base)), reverse=True
@@ -546,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setups = args.setup or (["standalone", "fastapi"] if args.layers else list(SETUPS))
     levels = args.tracing or ["off"]
-    kinds = list(CONFIGS) if args.layers else [args.config]
+    kinds = [kind for kind in CONFIGS if kind != "transform"] if args.layers else [args.config]
     if args.layers and not args.calls and shutil.which("valgrind") and not args.no_valgrind:
         kinds = ["layers:none", "layers"]
     if args.child:

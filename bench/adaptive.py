@@ -148,8 +148,9 @@ def wait_listening(port: int, deadline: float) -> None:
 
 
 @contextlib.contextmanager
-def child(*args: str) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.DEVNULL)
+def child(*args: str, script: str = __file__) -> Iterator[subprocess.Popen[bytes]]:
+    """`script` (this file, or a scenario module's) run with `args`; stopped on the way out."""
+    process = subprocess.Popen([sys.executable, script, *args], stdin=subprocess.DEVNULL)
     try:
         yield process
     finally:

@@ -33,15 +33,14 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from adaptive import HOST, free_port, percentile, wait_listening
+from adaptive import HOST, child, free_port, percentile, wait_listening
 
 # -- the upstream (a child process) --------------------------------------------------------
 
@@ -93,20 +92,6 @@ def serve_gateway(port: int, upstream: str, adaptive: bool) -> None:
         "status_path": "/-/status",
     }
     uvicorn.run(Gateway(config), host=HOST, port=port, log_level="warning", access_log=False, backlog=4096)
-
-
-@contextlib.contextmanager
-def child(*args: str) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.DEVNULL)
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 # -- the client (this process) -------------------------------------------------------------
@@ -230,9 +215,17 @@ def run_one(scenario: str, load: float, adaptive: bool, args: argparse.Namespace
     rate = load * capacity
     upstream_port, gateway_port = free_port(), free_port()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(child("--upstream", str(upstream_port), str(args.capacity), str(args.service)))
         stack.enter_context(
-            child("--gateway", str(gateway_port), f"http://{HOST}:{upstream_port}", "1" if adaptive else "0")
+            child("--upstream", str(upstream_port), str(args.capacity), str(args.service), script=__file__)
+        )
+        stack.enter_context(
+            child(
+                "--gateway",
+                str(gateway_port),
+                f"http://{HOST}:{upstream_port}",
+                "1" if adaptive else "0",
+                script=__file__,
+            )
         )
         deadline = time.monotonic() + 30
         for port in (upstream_port, gateway_port):

@@ -21,13 +21,22 @@ import asyncio
 import contextlib
 import json
 import random
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from adaptive import HOST, SERVERS, _Upstream, free_port, load, percentile, upstream_count, wait_listening
+from adaptive import (
+    HOST,
+    SERVERS,
+    _Upstream,
+    child,
+    free_port,
+    load,
+    percentile,
+    upstream_count,
+    wait_listening,
+)
 
 BASE_DELAY = 0.002
 STALL = 1.0
@@ -79,20 +88,6 @@ def serve_gateway(port: int, delay: float, upstreams: Sequence[str]) -> None:
     uvicorn.run(Gateway(config), host=HOST, port=port, log_level="warning", access_log=False)
 
 
-@contextlib.contextmanager
-def _child(*args: str) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.DEVNULL)
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
 @dataclass(frozen=True, slots=True)
 class StallResult:
     run: str
@@ -113,8 +108,8 @@ def run_one(run: str, delay: float, args: argparse.Namespace) -> StallResult:
     urls = [f"http://{HOST}:{port}" for port in ports]
     with contextlib.ExitStack() as stack:
         for i, port in enumerate(ports):
-            stack.enter_context(_child("--upstream", str(port), str(args.seed * 100 + i)))
-        stack.enter_context(_child("--gateway", str(gateway_port), repr(delay), *urls))
+            stack.enter_context(child("--upstream", str(port), str(args.seed * 100 + i), script=__file__))
+        stack.enter_context(child("--gateway", str(gateway_port), repr(delay), *urls, script=__file__))
         deadline = time.monotonic() + 30
         for port in [*ports, gateway_port]:
             wait_listening(port, deadline)

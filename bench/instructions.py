@@ -50,34 +50,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import hotpath
+
 BENCH = Path(__file__).resolve().parent
 SETUPS = ("standalone", "starlette", "fastapi", "fastapi-inner")
 TRACING = ("off", "unsampled", "sampled", "all", "sdk")
 
-_BODY = b"x" * 1024
-_UPSTREAM_HEAD = [
-    (b"server", b"nginx"),
-    (b"date", b"Tue, 24 Nov 2026 06:00:00 GMT"),
-    (b"content-type", b"text/plain"),
-    (b"content-length", b"1024"),
-    (b"connection", b"keep-alive"),
-]
-_SCOPE: dict[str, Any] = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.4"},
-    "http_version": "1.1",
-    "server": ("127.0.0.1", 8000),
-    "client": ("127.0.0.1", 50000),
-    "scheme": "http",
-    "method": "GET",
-    "root_path": "",
-    "path": "/1k",
-    "raw_path": b"/1k",
-    "query_string": b"",
-    "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")],
-    "state": {},
-}
-_REQUEST_MESSAGE = {"type": "http.request", "body": b"", "more_body": False}
+# The request, the upstream's answer and the instant transport are hotpath.py's (the same
+# driver); the scope says ASGI 2.4 and has a `state`, as uvicorn's does for a host's lifespan.
+_SCOPE: dict[str, Any] = {**hotpath._SCOPE, "asgi": {"version": "3.0", "spec_version": "2.4"}, "state": {}}
 
 
 #: What `--layers` configures on a second route and upstream, one at a time and all at once.
@@ -204,14 +185,9 @@ def build(setup: str, tracing: str, kind: str) -> Any:
     from opentelemetry.metrics import NoOpMeterProvider
 
     from asgi_gateway import Gateway, GatewayMiddleware
-    from asgi_gateway._types import BufferedStream, Request, Response, Transport
-
-    class Instant(Transport):
-        async def handle_request(self, request: Request) -> Response:
-            return Response(200, list(_UPSTREAM_HEAD), BufferedStream(_BODY), request.server, "127.0.0.1")
 
     options: dict[str, Any] = {
-        "transport": Instant(),
+        "transport": hotpath._Instant(),
         "tracer_provider": _tracer_provider(tracing),
         "meter_provider": NoOpMeterProvider(),
     }
@@ -326,7 +302,7 @@ class _Receive:
         if self.sent:
             await asyncio.get_running_loop().create_future()
         self.sent = True
-        return _REQUEST_MESSAGE
+        return hotpath._REQUEST_MESSAGE
 
 
 async def drive(app: Any, requests: int) -> float:

@@ -31,7 +31,15 @@ from urllib.parse import unquote
 from ._admin_stats import AdminRecords, ServerStats
 from ._config import AdminConfig
 from ._edge.ip_rules import AddressSet
-from ._exceptions import ConfigError, Forbidden, GatewayError, NotFound, Unauthorized
+from ._exceptions import (
+    ConfigError,
+    Forbidden,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+    Unauthorized,
+)
 from ._proxy import TrustedProxies, send_error
 
 if TYPE_CHECKING:
@@ -64,16 +72,6 @@ class _Gateway(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def reload(self, config: Any = None) -> None: ...
-
-
-class ServiceUnavailable(GatewayError):
-    status = 503
-    code = "unavailable"
-
-
-class MethodNotAllowed(GatewayError):
-    status = 405
-    code = "method_not_allowed"
 
 
 class Admin:

@@ -159,6 +159,27 @@ class NotFound(ClientRequestError):
     code = "not_found"
 
 
+class MethodNotAllowed(ClientRequestError):
+    """405 `method_not_allowed`: an admin endpoint asked with another method than its own.
+
+    Not exported: nothing a user calls raises it.
+    """
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class ServiceUnavailable(GatewayError):
+    """503 `unavailable`: the gateway itself cannot serve this (an admin endpoint whose
+    library is not installed), as opposed to `UpstreamUnavailable`.
+
+    Not exported: nothing a user calls raises it.
+    """
+
+    status = 503
+    code = "unavailable"
+
+
 class PayloadTooLarge(ClientRequestError):
     """413 `payload_too_large`: the request body is over `max_body_size`."""
 

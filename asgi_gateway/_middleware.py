@@ -33,6 +33,8 @@ __all__ = ["Gateway", "GatewayMiddleware"]
 logger = logging.getLogger("asgi_gateway")
 
 ASGIApp = Any
+#: Seconds without a reload after which a frozen heap is collected and frozen again.
+_REFREEZE_AFTER = 1.0
 Scope = dict[str, Any]
 ConfigSource = GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]
 
@@ -169,15 +171,27 @@ class Gateway:
             started = self._state
             await tg.start(started.run)
             task_status.started()
+            refreeze = False
             while True:
                 if self._state is started:
-                    self._reloaded = anyio.Event()
-                    await self._reloaded.wait()
+                    reloaded = self._reloaded = anyio.Event()
+                    if refreeze:
+                        # One full collection for a burst of reloads, once they have been
+                        # quiet for a while, never on the reload's own path.
+                        with anyio.move_on_after(_REFREEZE_AFTER):
+                            await reloaded.wait()
+                        if not reloaded.is_set():
+                            refreeze_heap()
+                            refreeze = False
+                            continue
+                    else:
+                        await reloaded.wait()
                 # Only the latest: a state replaced before it ran has been stopped anyway. A
                 # reload during the first state's start (its DNS lookups, JWKS fetches) is
                 # seen here too, though no one was waiting for it yet.
                 started = self._state
                 tg.start_soon(started.run, name="gateway background")
+                refreeze = True
 
     def lifespan(self, app: object = None) -> contextlib.AbstractAsyncContextManager[None]:
         """For `FastAPI(lifespan=gateway.lifespan)` / `Starlette(lifespan=...)`.
@@ -247,9 +261,11 @@ class Gateway:
             len(state.config.upstreams),
             extra={"reason": "reloaded"},
         )
-        # A heap frozen once the host started (`_hosting.freeze_heap`) lets the old state go.
-        del old
-        refreeze_heap()
+        if self._reloaded is None:
+            # Not running, so no background work to do it later: a heap frozen at start-up
+            # (`_hosting.freeze_heap`) lets the old state go now.
+            del old
+            refreeze_heap()
 
     @property
     def draining(self) -> bool:

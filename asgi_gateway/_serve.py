@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import signal
 import socket
@@ -43,6 +42,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
 from ._exceptions import ConfigError
+from ._hosting import freeze_heap
 from ._supervisor import DRAIN, EXIT_NOW, RELOAD, STARTED, Supervisor, bind, shared_metrics
 from ._watch import watch_config
 
@@ -131,9 +131,9 @@ def run_worker(
         logger.error("invalid config %s:\n%s", options.config_path, exc)
         sys.exit(STARTUP_FAILURE)
     # What exists now lives as long as the process: keeping it out of the collector's
-    # generations spares the full collections that otherwise show in the tail latency.
-    gc.collect()
-    gc.freeze()
+    # generations spares the full collections that otherwise show in the tail latency (and
+    # the gateway collects and freezes again after reloads).
+    freeze_heap()
     config = uvicorn.Config(
         gateway,
         host=options.host,
@@ -269,16 +269,9 @@ class GatewayServer(uvicorn.Server):
             self.gateway.reload()
         except ConfigError:
             # The gateway logged every error with its key path; the running config stays.
-            return
+            pass
         except Exception:
             logger.exception("config reload failed", extra={"reason": "reload-failed"})
-            return
-        # The state built at start-up was frozen out of the collector (`run_worker`); let a
-        # collection see the replaced one, then freeze what is live now. Without this the
-        # old state's reference cycles would stay frozen, and so uncollected, for good.
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
 
     # -- drain -----------------------------------------------------------------------------
 

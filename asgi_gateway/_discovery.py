@@ -33,7 +33,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -334,14 +334,7 @@ class Discovery:
                 continue
             old_name = previous._names.get(entry.name)
             if old_name is not None:
-                self._names[entry.name] = _Name(
-                    addresses=old_name.addresses,
-                    stale=old_name.stale,
-                    last_error=old_name.last_error,
-                    resolved_at=old_name.resolved_at,
-                    ttl=old_name.ttl,
-                    due=old_name.due,
-                )
+                self._names[entry.name] = replace(old_name)
             for (index, ip), server in previous._known.items():
                 if index == old.index:
                     # As a reload does for any server that stays: the entry's settings now.

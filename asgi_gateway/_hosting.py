@@ -11,6 +11,16 @@ gateway's, keeps it where it is). The gateway then hands the requests no route m
 to the whole stack, as before: they pass every layer, the gateway's middleware included,
 which lets them through.
 
+Above the stack, `FastAPI.__call__` and `Starlette.__call__` still run for every request:
+they set `scope["app"]` and `root_path`, and FastAPI's checks whether its native telemetry
+is on (three provider look-ups, each an `os.environ` miss raising `KeyError`: about a
+tenth of a proxied request's instructions). Where the host's own call adds nothing to a
+proxied request (no `root_path`, FastAPI's telemetry off when the host started), the host
+object itself is made to call the gateway first: its class becomes a subclass of its own
+whose `__call__` is the gateway's, and the gateway's `app` is the host's original call, so
+what no route matches runs exactly as before, telemetry included. The host stays an
+instance of its class in every other respect.
+
 `freeze_heap`: what exists once the host has started lives as long as the process; kept
 out of the collector's generations, it is not scanned again by every full collection, the
 pauses that otherwise show in the tail latency (`asgi-gateway serve` does the same).
@@ -39,12 +49,22 @@ _TRANSPARENT: Final = frozenset(
 _MAX_DEPTH: Final = 16
 
 
+#: The hosts' own calls that add nothing to a proxied request but `scope["app"]`, a
+#: `root_path` and FastAPI's telemetry check, as (module, qualified name).
+_PLAIN_CALLS: Final = frozenset(
+    {("starlette.applications", "Starlette.__call__"), ("fastapi.applications", "FastAPI.__call__")}
+)
+
+
 def hoist(host: Any, middleware: object, gateway: Any) -> bool:
-    """Serve `gateway` on top of `host`'s middleware stack when only transparent layers
+    """Serve `gateway` ahead of `host`'s middleware stack when only transparent layers
     are above `middleware` (the `GatewayMiddleware` in it); True when it was moved.
 
-    `gateway.app` becomes the whole stack: what no route matches still passes every layer.
+    Ahead of the host's own call where that is safe (`_serve_first`), else on top of its
+    stack; either way what no route matches still passes every layer.
     """
+    if getattr(type(host), "_gateway_first", None) is gateway:
+        return True  # a second start-up of the same host
     stack = getattr(host, "middleware_stack", None)
     layer = stack
     for _ in range(_MAX_DEPTH):
@@ -58,8 +78,31 @@ def hoist(host: Any, middleware: object, gateway: Any) -> bool:
         return False
     if stack is middleware:
         return False
-    gateway.app = stack
-    host.middleware_stack = gateway
+    if not _serve_first(host, gateway):
+        gateway.app = stack
+        host.middleware_stack = gateway
+    return True
+
+
+def _serve_first(host: Any, gateway: Any) -> bool:
+    """Make calling `host` call `gateway` first, with the host's own call as its `app`."""
+    kind = type(host)
+    call = kind.__call__
+    if (getattr(call, "__module__", None), getattr(call, "__qualname__", None)) not in _PLAIN_CALLS:
+        return False
+    if getattr(host, "root_path", ""):
+        return False
+    # FastAPI's native telemetry (when it has one) spans every request it sees: with it on,
+    # the proxied requests keep going through it.
+    telemetry = getattr(host, "_native_telemetry", None)
+    if telemetry is not None and telemetry.enabled():
+        return False
+    gateway.app = call.__get__(host, kind)
+    # A bound method as the class's `__call__` is called as it is, without the host as its
+    # first argument: calling the host is calling the gateway, with no frame in between.
+    first = {"__call__": gateway.__call__, "_gateway_first": gateway, "__slots__": ()}
+    first.update(__module__=kind.__module__, __qualname__=kind.__qualname__)
+    host.__class__ = type(kind.__name__, (kind,), first)
     return True
 
 

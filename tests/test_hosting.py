@@ -44,12 +44,27 @@ def host_app(upstreams: Upstreams, **fastapi_options: Any) -> FastAPI:
     return app
 
 
+def served_first(app: Any) -> Gateway | None:
+    """The gateway the host calls first, ahead of its own `__call__` and stack, if any."""
+    gateway = getattr(type(app), "_gateway_first", None)
+    if gateway is None:
+        return None
+    assert isinstance(gateway, Gateway)
+    # Calling the app calls the gateway; the gateway's `app` is the host's own call.
+    assert type(app).__call__ == gateway.__call__
+    assert gateway.app == FastAPI.__call__.__get__(app, FastAPI)
+    return gateway
+
+
 def test_proxied_requests_skip_the_host_stack_and_the_rest_still_pass_it(upstreams: Upstreams) -> None:
     app = host_app(upstreams)
+    assert type(app) is FastAPI
     with serve_app(app) as base, http_client(base) as client:
-        # Started: the gateway is on top of FastAPI's stack, with the whole stack below it.
-        assert isinstance(app.middleware_stack, Gateway)
-        assert isinstance(app.middleware_stack.app, ServerErrorMiddleware)
+        # Started: the app calls the gateway first, FastAPI's own call and whole stack below it.
+        assert served_first(app) is not None
+        assert isinstance(app, FastAPI)
+        assert type(app).__name__ == "FastAPI"
+        assert isinstance(app.middleware_stack, ServerErrorMiddleware)
         answer = client.get("/api/users/7")
         assert answer.status_code == 200
         assert answer.json()["raw_path"] == "/api/users/7"
@@ -63,6 +78,33 @@ def test_proxied_requests_skip_the_host_stack_and_the_rest_still_pass_it(upstrea
         assert broken.json() == {"handled_by": "host"}
 
 
+def test_a_host_whose_own_call_adds_something_keeps_it_for_proxied_requests(
+    upstreams: Upstreams,
+) -> None:
+    """With a `root_path`, or FastAPI's native telemetry on, the gateway goes on top of the
+    host's stack only: the host's own call still runs first, and FastAPI still spans every
+    proxied request."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    traced = host_app(upstreams, telemetry={"tracer_provider": provider, "metrics": False, "logs": False})
+    rooted = host_app(upstreams)
+    rooted.root_path = "/prefix"  # as FastAPI(root_path=...), which warns it is deprecated
+    for app in (traced, rooted):
+        with serve_app(app) as base, http_client(base) as client:
+            assert served_first(app) is None
+            assert type(app) is FastAPI
+            assert isinstance(app.middleware_stack, Gateway)
+            assert client.get("/api/users/7").status_code == 200
+            assert client.get("/own").json() == {"own": True}
+    names = [span.name for span in exporter.get_finished_spans()]
+    assert names.count("GET") + sum(name.startswith("GET /") for name in names) >= 2, names
+
+
 def test_a_middleware_added_after_the_gateway_still_sees_proxied_requests(upstreams: Upstreams) -> None:
     app = host_app(upstreams)
 
@@ -74,6 +116,7 @@ def test_a_middleware_added_after_the_gateway_still_sees_proxied_requests(upstre
 
     with serve_app(app) as base, http_client(base) as client:
         assert not isinstance(app.middleware_stack, Gateway)
+        assert served_first(app) is None
         answer = client.get("/api/users/7")
         assert answer.status_code == 200
         assert answer.headers["x-host-middleware"] == "1"
@@ -84,6 +127,7 @@ def test_the_apps_body_limit_still_applies_to_proxied_requests(upstreams: Upstre
     app = host_app(upstreams, max_body_size=100)
     with serve_app(app) as base, http_client(base) as client:
         assert not isinstance(app.middleware_stack, Gateway)
+        assert served_first(app) is None
         assert client.post("/api/users", content=b"x" * 50).status_code == 200
         assert client.post("/api/users", content=b"x" * 1000).status_code == 413
 
@@ -94,7 +138,7 @@ def test_websockets_and_the_lifespan_after_hoisting(upstreams: Upstreams) -> Non
 
     app = host_app(upstreams)
     with serve_app(app) as base:
-        assert isinstance(app.middleware_stack, Gateway)
+        assert served_first(app) is not None
         url = base.replace("http://", "ws://") + "/no-such-socket"
         try:
             with websockets.sync.client.connect(url, open_timeout=5):

@@ -10,22 +10,21 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import anyio
-import anyio.abc
 
 from ._admin_stats import AdminRecords
 from ._config import GatewayConfig, load_with_digest
 from ._edge.services import EdgeServices
 from ._exceptions import BadRequest, ClientDisconnected, ConfigError, GatewayError, NotFound
-from ._hosting import freeze_heap, hoist, refreeze_heap
+from ._hosting import freeze_heap, hoist
 from ._layers.transform import Hooks
+from ._lifecycle import Lifecycle, serve_lifespan, wrap_lifespan
 from ._prepare import MAX_HEADER_BYTES, prepare, read_body
 from ._proxy import make_request_id, relay, sane_request_id, send_error
 from ._routing import Router
 from ._stack import UpstreamStack
-from ._state import GatewayState, build_state, removed_servers
+from ._state import GatewayState, build_state
 from ._telemetry import Telemetry
 from ._transports.auto import AutoTransport, UserTransport
-from ._transports.websocket import CLOSE_TIMEOUT
 from ._types import Handler
 
 __all__ = ["Gateway", "GatewayMiddleware"]
@@ -33,8 +32,6 @@ __all__ = ["Gateway", "GatewayMiddleware"]
 logger = logging.getLogger("asgi_gateway")
 
 ASGIApp = Any
-#: Seconds without a reload after which a frozen heap is collected and frozen again.
-_REFREEZE_AFTER = 1.0
 Scope = dict[str, Any]
 ConfigSource = GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]
 
@@ -85,21 +82,17 @@ class Gateway:
         # instruments record, and they are made once.
         self.telemetry = Telemetry(tracer_provider, meter_provider, prometheus=loaded.admin.path is not None)
         self._transport = AutoTransport(transport)
-        self._hooks = hooks
         self._state: GatewayState = build_state(loaded, digest, self._transport, self.telemetry, hooks)
         #: What the admin page shows beyond `status()`: recent 5xx answers, operator actions.
         self.admin_records = AdminRecords()
         self._state.watch_servers()
-        self._last_error: str | None = None
-        self._running = 0
-        #: Set by `reload()` while the gateway runs: the new state's background work starts.
-        self._reloaded: anyio.Event | None = None
-        # Graceful drain: requests being proxied, and the WebSocket sessions to close last.
+        # Background work, reloads and WebSocket sessions; `_state` stays here, where each
+        # request reads it.
+        self._lifecycle = Lifecycle(self._state, self._transport, self.telemetry, hooks)
+        # Graceful drain: readiness, and the requests being proxied (counted in `__call__`).
+        self._draining = False
         self._in_flight = 0
         self._idle: anyio.Event | None = None
-        self._draining = False
-        self._sessions: set[anyio.CancelScope] = set()
-        self._sessions_ended: anyio.Event | None = None
 
     # -- the current config's state (a request keeps the one it arrived under) ----------
 
@@ -140,58 +133,8 @@ class Gateway:
         An async context manager, for serving the gateway under something that has no
         lifespan of its own: `async with gateway.running(): ...`.
         """
-        self._transport.open()
-        self._running += 1
-        try:
-            async with anyio.create_task_group() as tg:
-                if self._running == 1:
-                    from ._websocket import warn_if_unavailable
-
-                    warn_if_unavailable()
-                    # The first JWKS fetches (each within its timeout) come before serving.
-                    await tg.start(self._run_background, name="gateway background")
-                try:
-                    yield
-                finally:
-                    self._reloaded = None
-                    tg.cancel_scope.cancel()
-        finally:
-            self._running -= 1
-            if self._running == 0:
-                with anyio.CancelScope(shield=True):
-                    await self._transport.aclose()
-
-    async def _run_background(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """Run the current state's background work, and each new state's after a reload.
-
-        `reload()` only sets an event: it may be called from a plain callback of the event
-        loop (a signal handler), where no task could be started.
-        """
-        async with anyio.create_task_group() as tg:
-            started = self._state
-            await tg.start(started.run)
-            task_status.started()
-            refreeze = False
-            while True:
-                if self._state is started:
-                    reloaded = self._reloaded = anyio.Event()
-                    if refreeze:
-                        # One full collection for a burst of reloads, once they have been
-                        # quiet for a while, never on the reload's own path.
-                        with anyio.move_on_after(_REFREEZE_AFTER):
-                            await reloaded.wait()
-                        if not reloaded.is_set():
-                            refreeze_heap()
-                            refreeze = False
-                            continue
-                    else:
-                        await reloaded.wait()
-                # Only the latest: a state replaced before it ran has been stopped anyway. A
-                # reload during the first state's start (its DNS lookups, JWKS fetches) is
-                # seen here too, though no one was waiting for it yet.
-                started = self._state
-                tg.start_soon(started.run, name="gateway background")
-                refreeze = True
+        async with self._lifecycle.running():
+            yield
 
     def lifespan(self, app: object = None) -> contextlib.AbstractAsyncContextManager[None]:
         """For `FastAPI(lifespan=gateway.lifespan)` / `Starlette(lifespan=...)`.
@@ -199,13 +142,7 @@ class Gateway:
         The gateway's health checks run and its connection pool stays open from the app's
         startup to its shutdown, when its connections are closed.
         """
-        return self._hosted()
-
-    @contextlib.asynccontextmanager
-    async def _hosted(self) -> AsyncIterator[None]:
-        async with self.running():
-            freeze_heap()
-            yield
+        return self._lifecycle.hosted()
 
     def reload(self, config: ConfigSource | None = None) -> None:
         """Replace the running config with `config` (default: re-read `config_path`).
@@ -225,47 +162,11 @@ class Gateway:
         source = config if config is not None else self.config_path
         if source is None:
             raise ConfigError("", "reload() needs a config: this gateway was not built from a file")
-        old = self._state
-        try:
-            loaded, digest = load_with_digest(source)
-            state = build_state(loaded, digest, self._transport, self.telemetry, self._hooks, previous=old)
-        except ConfigError as exc:
-            self._last_error = str(exc)
-            self.telemetry.config_reloaded("failure")
-            logger.error(
-                "config reload failed; the running config (version %d) keeps serving:\n%s",
-                old.version,
-                exc,
-                extra={"reason": "reload-failed"},
-            )
-            raise
+        state = self._lifecycle.build(source)
         self._state = state
-        self._last_error = None
-        state.watch_servers()
         if isinstance(source, str | os.PathLike):
             self.config_path = os.fspath(source)
-        state.adopt()
-        old.stop()
-        for name in old.stacks.keys() - state.stacks.keys():
-            # An upstream gone from the config leaves the available-servers gauge with it.
-            self.telemetry.available.pop(name, None)
-        self._transport.retire(removed_servers(old, state))
-        if self._reloaded is not None:
-            self._reloaded.set()
-        self.telemetry.config_reloaded("success")
-        logger.info(
-            "config reloaded: version %d (sha256 %s), %d routes, %d upstreams",
-            state.version,
-            state.sha256[:12],
-            len(state.config.routes),
-            len(state.config.upstreams),
-            extra={"reason": "reloaded"},
-        )
-        if self._reloaded is None:
-            # Not running, so no background work to do it later: a heap frozen at start-up
-            # (`_hosting.freeze_heap`) lets the old state go now.
-            del old
-            refreeze_heap()
+        self._lifecycle.swapped(state)
 
     @property
     def draining(self) -> bool:
@@ -301,21 +202,8 @@ class Gateway:
                 timeout,
                 extra={"reason": "drain-timeout"},
             )
-        if not self._sessions:
-            return finished
-        if self._sessions_ended is None or self._sessions_ended.is_set():
-            self._sessions_ended = anyio.Event()
-        logger.info(
-            "draining: closing %d WebSocket session(s) with 1001",
-            len(self._sessions),
-            extra={"reason": "draining"},
-        )
-        for session in list(self._sessions):
-            session.cancel()
-        # Each session closes both ends within its own close timeout; a bound on top of it.
-        with anyio.move_on_after(CLOSE_TIMEOUT + 2.0) as closing:
-            await self._sessions_ended.wait()
-        return finished and not closing.cancelled_caught
+        closed = await self._lifecycle.close_sessions()
+        return finished and closed
 
     def status(self) -> dict[str, Any]:
         """Every upstream's servers and their state, and the config's, as JSON-able data.
@@ -328,7 +216,7 @@ class Gateway:
         state = self._state
         return {
             "upstreams": {name: stack.status() for name, stack in state.stacks.items()},
-            "config": {**state.config_status(), "last_error": self._last_error},
+            "config": {**state.config_status(), "last_error": self._lifecycle.last_error},
             "draining": self._draining,
         }
 
@@ -339,23 +227,9 @@ class Gateway:
         if kind == "websocket":
             await self.handle_websocket(scope, receive, send)
         elif kind == "lifespan" and self.app is None:
-            await self._own_lifespan(receive, send)
+            await serve_lifespan(self._lifecycle.hosted, receive, send)
         elif self.app is not None:
             await self.app(scope, receive, send)
-
-    async def _own_lifespan(self, receive: Any, send: Any) -> None:
-        message = await receive()
-        assert message["type"] == "lifespan.startup"
-        try:
-            async with self.running():
-                freeze_heap()
-                await send({"type": "lifespan.startup.complete"})
-                message = await receive()
-        except Exception as exc:
-            logger.exception("gateway lifespan failed")
-            await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
-            return
-        await send({"type": "lifespan.shutdown.complete"})
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         # HTTP requests are handled right here rather than in one more coroutine (every one
@@ -476,25 +350,18 @@ class Gateway:
             return
         route, path = match
 
-        # Drain cancels the session's scope: both ends then hear 1001 (going away).
-        with anyio.CancelScope() as session:
-            self._sessions.add(session)
-            try:
-                await proxy_websocket(
-                    scope,
-                    receive,
-                    send,
-                    route=route,
-                    path=path,
-                    upstream=state.stacks[route.upstream].config,
-                    handler=state.websocket_handlers[route.index],
-                    telemetry=self.telemetry,
-                    trusted=state.trusted,
-                )
-            finally:
-                self._sessions.discard(session)
-                if self._sessions_ended is not None and not self._sessions:
-                    self._sessions_ended.set()
+        with self._lifecycle.session():
+            await proxy_websocket(
+                scope,
+                receive,
+                send,
+                route=route,
+                path=path,
+                upstream=state.stacks[route.upstream].config,
+                handler=state.websocket_handlers[route.index],
+                telemetry=self.telemetry,
+                trusted=state.trusted,
+            )
 
     async def _send_status(self, send: Any) -> None:
         body = json.dumps(self.status(), default=str).encode()
@@ -580,48 +447,13 @@ class GatewayMiddleware:
         elif scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
         elif scope["type"] == "lifespan":
-            await self._lifespan(scope, receive, send)
+            # The host app's lifespan, with the gateway running from its startup until
+            # after its shutdown.
+            await wrap_lifespan(
+                self.app, scope, receive, send, running=self.gateway.running, started=self._host_started
+            )
         else:
             await self.app(scope, receive, send)
-
-    async def _lifespan(self, scope: Scope, receive: Any, send: Any) -> None:
-        # The gateway runs in a task of its own from the app's startup until after its
-        # shutdown, so its task group is entered and left in one place.
-        stop = anyio.Event()
-        stopped = anyio.Event()
-        started = False
-
-        async def run_gateway(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-            try:
-                async with self.gateway.running():
-                    task_status.started()
-                    await stop.wait()
-            finally:
-                stopped.set()
-
-        async with anyio.create_task_group() as tg:
-
-            async def wrapped_receive() -> Any:
-                nonlocal started
-                message = await receive()
-                if message["type"] == "lifespan.startup" and not started:
-                    started = True
-                    await tg.start(run_gateway)
-                return message
-
-            async def wrapped_send(message: Any) -> None:
-                if message["type"] == "lifespan.startup.complete":
-                    self._host_started(scope)
-                elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                    stop.set()
-                    if started:
-                        await stopped.wait()
-                await send(message)
-
-            try:
-                await self.app(scope, wrapped_receive, wrapped_send)
-            finally:
-                stop.set()
 
     def _host_started(self, scope: Scope) -> None:
         """The host app has started: skip its stack for proxied requests where that is safe

@@ -50,8 +50,8 @@ from ._exceptions import (
     UpstreamUnavailable,
 )
 from ._layers.transform import Hooks
+from ._logging import JsonFormatter
 from ._middleware import Gateway, GatewayMiddleware
-from ._telemetry import JsonFormatter
 from ._transports.httpx import HttpxTransport
 from ._types import BufferedStream, Handler, Request, RequestBody, Response, Server, Transport
 

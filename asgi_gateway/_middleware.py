@@ -246,7 +246,8 @@ class Gateway:
             await self._send_status(send)
             return
         admin = state.admin
-        if admin is not None and admin.handles(raw_path):
+        # The prefix test inline: with the admin endpoints on, every request makes it.
+        if admin is not None and raw_path.startswith(admin.prefix) and admin.handles(raw_path):
             await admin(scope, send, raw_path, self, _request_id_of(scope))
             return
         host = _host_of(scope) if state.needs_host else None
@@ -309,7 +310,8 @@ class Gateway:
             self._in_flight -= 1
             if self._idle is not None and not self._in_flight:
                 self._idle.set()
-            if state.admin is not None:
+            # The admin page records 5xx answers and rate-limit decisions, nothing else.
+            if state.admin is not None and (status >= 500 or exchange.rate_limit_result is not None):
                 self.admin_records.finished(exchange, status, token.span or token.traced)
             self.telemetry.finish(token, exchange, status, error)
 

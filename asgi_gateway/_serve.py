@@ -94,7 +94,7 @@ def _configure_logging(spec: str) -> None:
         level = logging.INFO
     handler = logging.StreamHandler()
     if fmt == "json":
-        from ._telemetry import JsonFormatter
+        from ._logging import JsonFormatter
 
         handler.setFormatter(JsonFormatter())
     else:

@@ -1,10 +1,15 @@
-"""Traces, metrics and the access log for proxied requests and WebSocket sessions.
+"""The SERVER span of each proxied request and WebSocket session, and what ends with it.
 
 One `Telemetry` per gateway. The middleware calls `start` when a request matched a
 route and `finish` once it is over; the WebSocket path does the same for a session,
 with `kind=WEBSOCKET`, and `session_opened` once the client has been accepted.
-`events` turns what the layers report (retries, ejections, failovers) into span events
-and metrics; the CLIENT span per attempt is `_layers.telemetry.TelemetryLayer`'s.
+`finish` records `http.server.request.duration` (for a session, the open-sessions
+count), ends the span and writes the access log (`_logging.access_log`).
+
+A `Telemetry` is an `_telemetry_instruments.Instruments`: the tracer and the metric
+instruments, found lazily from the providers. `events` turns what the layers report
+(retries, ejections, failovers) into span events and metrics (`_telemetry_events`);
+the CLIENT span per attempt is `_layers.telemetry.TelemetryLayer`'s.
 
 Tracing costs nothing when no SDK is configured: the providers are resolved lazily
 and, while they are the API's no-op or proxy defaults, no span, context or attribute
@@ -17,24 +22,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
-from collections.abc import Iterable
 from contextvars import Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import anyio
-from opentelemetry import context, metrics, propagate, trace
+from opentelemetry import context, propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from ._exceptions import ClientDisconnected, ClientRequestError
-from ._logging import JsonFormatter
+from ._logging import access_log
 from ._propagation import _Propagation
 from ._routing import Route
 from ._semconv import (
     CLIENT_ADDRESS,
-    DURATION_BUCKETS,
     ERROR_TYPE,
     GATEWAY_UPSTREAM,
     HTTP_REQUEST_METHOD,
@@ -54,44 +56,19 @@ from ._semconv import (
     error_type,
 )
 from ._telemetry_events import TelemetryEvents
+from ._telemetry_instruments import Instruments
 from ._types import Exchange, Headers, Request
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import (
-        CallbackOptions,
-        Counter,
-        Histogram,
-        Meter,
-        MeterProvider,
-        Observation,
-        UpDownCounter,
-    )
-    from opentelemetry.trace import Span, Tracer, TracerProvider
-
-    from ._layers.concurrency import GradientController
-    from ._prometheus import PrometheusMeter
-
-try:
-    from opentelemetry.metrics._internal import _ProxyMeterProvider
-except ImportError:  # pragma: no cover - an API that moved it; then nothing counts as a proxy
-
-    class _ProxyMeterProvider:  # type: ignore[no-redef]
-        pass
+    from opentelemetry.metrics import UpDownCounter
+    from opentelemetry.trace import Span, Tracer
 
 
-__all__ = ["HTTP", "WEBSOCKET", "JsonFormatter", "Pending", "SessionKind", "SessionPending", "Telemetry"]
+__all__ = ["HTTP", "WEBSOCKET", "Pending", "SessionKind", "SessionPending", "Telemetry"]
 
-logger = logging.getLogger("asgi_gateway.telemetry")
+#: `_logging.access_logger` (the same logger), bound here rather than imported: a method of an
+#: imported name compiles to an attribute load that makes a bound method, on every request.
 access_logger = logging.getLogger("asgi_gateway.access")
-
-_SCOPE_NAME = "asgi_gateway"
-_SCHEMA_URL = "https://opentelemetry.io/schemas/1.27.0"
-
-#: Seconds between two log records about the same telemetry failure.
-_REPORT_INTERVAL = 60.0
-
-_REQUEST_RECORD: Final = "%s %s %d %.1fms route=%s upstream=%s server=%s attempts=%d request_id=%s"
-_SESSION_RECORD: Final = "WebSocket %s %d %.1fms route=%s upstream=%s server=%s attempts=%d messages=%d/%d close=%s by=%s request_id=%s"
 
 ClosedBy = Literal["client", "upstream", "gateway"]
 
@@ -180,7 +157,7 @@ class SessionPending(Pending):
         self.sessions: UpDownCounter | None = None
 
 
-class Telemetry:
+class Telemetry(Instruments):
     """Everything the gateway reports about a request, in one place.
 
     `tracer_provider` / `meter_provider` default to the global OpenTelemetry
@@ -191,205 +168,18 @@ class Telemetry:
     def __init__(
         self, tracer_provider: Any = None, meter_provider: Any = None, *, prometheus: bool = False
     ) -> None:
-        self.tracer_provider: TracerProvider | None = tracer_provider
-        self.meter_provider: MeterProvider | None = meter_provider
-        #: The tracer, or None while tracing is off (no SDK configured).
-        self.tracer: Tracer | None = None
-        self._tracer_resolved = False
-        self._meter_resolved = False
-        self._resolved = False
-        self.server_duration: Histogram | None = None
-        self.client_duration: Histogram | None = None
-        self.retries: Counter | None = None
-        self.budget_exhausted: Counter | None = None
-        self.ejections: Counter | None = None
-        self.failovers: Counter | None = None
-        self.hedges: Counter | None = None
-        self.health_transitions: Counter | None = None
-        self.rate_limit_decisions: Counter | None = None
-        self.config_reloads: Counter | None = None
-        #: The meter the instruments above came from (None while metrics are off).
-        self._meter: Meter | None = None
-        self._websocket_sessions: UpDownCounter | None = None
-        #: Latest count of available servers per upstream, for the observable gauge.
-        self.available: dict[str, int] = {}
-        #: Each upstream's adaptive concurrency limit, for its gauge; held weakly, so a limit
-        #: of an upstream a reload removed is gone with its stack.
-        self.concurrency_limits: weakref.WeakValueDictionary[str, GradientController] = (
-            weakref.WeakValueDictionary()
-        )
+        super().__init__(tracer_provider, meter_provider, prometheus)
         self._names: dict[tuple[str, str], str] = {}
         self._propagation = _Propagation(propagate.get_global_textmap())
         #: While the global providers are the API's proxies, when to look at them again.
         self._resolve_after = 0.0
-        self._reported: dict[str, float] = {}
         # OpenTelemetry's own ASGI instrumentations record http.server.request.duration only
         # when opted in to the stable HTTP conventions; then an instrumented host app's
         # record is the one, and the gateway's would count each request twice.
         opt_in = {mode.strip() for mode in os.environ.get("OTEL_SEMCONV_STABILITY_OPT_IN", "").split(",")}
         self._host_records_server_duration = bool(opt_in & {"http", "http/dup"})
         self.events = TelemetryEvents(self)
-        #: `{admin.path}/metrics`: with it, every instrument also records in Prometheus form.
-        self.prometheus: PrometheusMeter | None = None
-        if prometheus:
-            from ._prometheus import PrometheusMeter, available
-
-            self.prometheus = PrometheusMeter() if available() else None
         self._resolve()
-
-    # -- providers -------------------------------------------------------------------
-
-    def _resolve(self) -> None:
-        try:
-            if not self._tracer_resolved:
-                self._resolve_tracer()
-            if not self._meter_resolved:
-                self._resolve_meter()
-        except Exception as exc:
-            # A provider that cannot hand out a tracer or meter: tracing or metrics stay off.
-            self._tracer_resolved = self._meter_resolved = True
-            self.report("provider", exc)
-        self._resolved = self._tracer_resolved and self._meter_resolved
-
-    def _resolve_tracer(self) -> None:
-        provider = self.tracer_provider
-        if provider is None or isinstance(provider, trace.ProxyTracerProvider):
-            provider = trace.get_tracer_provider()
-            if isinstance(provider, trace.ProxyTracerProvider):
-                return  # no global provider yet; look again on the next request
-        self._tracer_resolved = True
-        if isinstance(provider, trace.NoOpTracerProvider):
-            return
-        tracer = provider.get_tracer(_SCOPE_NAME, _version(), schema_url=_SCHEMA_URL)
-        if not isinstance(tracer, trace.NoOpTracer):
-            self.tracer = tracer
-
-    def _resolve_meter(self) -> None:
-        provider = self.meter_provider
-        if provider is None or isinstance(provider, _ProxyMeterProvider):
-            provider = metrics.get_meter_provider()
-            if isinstance(provider, _ProxyMeterProvider):
-                if self.prometheus is not None and self._meter is None:
-                    # Prometheus alone until a global provider is set (then both).
-                    alone = self.prometheus.meter(None)
-                    self._create_instruments(alone)
-                    self._meter = alone
-                return
-        self._meter_resolved = True
-        meter: Any = None
-        if not isinstance(provider, metrics.NoOpMeterProvider):
-            meter = provider.get_meter(_SCOPE_NAME, _version(), schema_url=_SCHEMA_URL)
-            if isinstance(meter, metrics.NoOpMeter):
-                meter = None
-        if self.prometheus is not None:
-            meter = self.prometheus.meter(meter)
-        if meter is None:
-            return
-        self._create_instruments(meter)
-        # Only once every instrument exists: a session is counted only where the request
-        # instruments are there too, which `finish` relies on to take its shortest way.
-        self._meter = meter
-
-    def _create_instruments(self, meter: Meter) -> None:
-        self.server_duration = meter.create_histogram(
-            "http.server.request.duration",
-            unit="s",
-            description="Duration of HTTP server requests.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self.client_duration = meter.create_histogram(
-            "http.client.request.duration",
-            unit="s",
-            description="Duration of HTTP client requests (one per attempt to an upstream server).",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self.retries = meter.create_counter(
-            "gateway.retries", unit="{retry}", description="Attempts made again after a failed one."
-        )
-        self.budget_exhausted = meter.create_counter(
-            "gateway.retry_budget.exhausted",
-            unit="{retry}",
-            description="Retries refused because the upstream's retry budget was spent.",
-        )
-        self.ejections = meter.create_counter(
-            "gateway.ejections", unit="{ejection}", description="Servers ejected by outlier detection."
-        )
-        self.failovers = meter.create_counter(
-            "gateway.failovers",
-            unit="{request}",
-            description="Requests sent to backup servers (or in panic mode) instead of primaries.",
-        )
-        self.hedges = meter.create_counter(
-            "gateway.hedges",
-            unit="{request}",
-            description="Hedged requests by result: won, lost, skipped_budget.",
-        )
-        self.health_transitions = meter.create_counter(
-            "gateway.health_check.transitions",
-            unit="{transition}",
-            description="Changes of a server's active health-check state.",
-        )
-        self.rate_limit_decisions = meter.create_counter(
-            "gateway.rate_limit.decisions",
-            unit="{request}",
-            description="Rate-limit decisions by route and result: allowed, limited, shadow, backend_error.",
-        )
-        self.config_reloads = meter.create_counter(
-            "gateway.config.reloads",
-            unit="{reload}",
-            description="Config reloads by result: success, failure.",
-        )
-        meter.create_observable_gauge(
-            "gateway.upstream.available_servers",
-            callbacks=[self._observe_available],
-            unit="{server}",
-            description="Servers of an upstream available to take traffic.",
-        )
-        meter.create_observable_gauge(
-            "gateway.concurrency.limit",
-            callbacks=[self._observe_concurrency_limits],
-            unit="{request}",
-            description="The adaptive concurrency limit of an upstream: requests allowed in flight.",
-        )
-
-    def _observe_available(self, options: CallbackOptions) -> Iterable[Observation]:
-        from opentelemetry.metrics import Observation
-
-        return [Observation(count, {GATEWAY_UPSTREAM: name}) for name, count in list(self.available.items())]
-
-    def _observe_concurrency_limits(self, options: CallbackOptions) -> Iterable[Observation]:
-        from opentelemetry.metrics import Observation
-
-        limits = list(self.concurrency_limits.items())
-        return [Observation(limit.limit, {GATEWAY_UPSTREAM: name}) for name, limit in limits]
-
-    def config_reloaded(self, result: str) -> None:
-        """Count a config reload by `result` (success, failure)."""
-        if not self._resolved:
-            self._resolve()
-        try:
-            if self.config_reloads is not None:
-                self.config_reloads.add(1, {"result": result})
-        except Exception as exc:
-            self.report("reload metric", exc)
-
-    def report(self, where: str, exc: BaseException) -> None:
-        """Log a telemetry failure without failing the request, at most once a minute per `where`."""
-        now = time.monotonic()
-        last = self._reported.get(where)
-        if last is not None and now - last < _REPORT_INTERVAL:
-            return
-        self._reported[where] = now
-        try:
-            logger.warning(
-                "telemetry failed in %s (ignored; the request goes on; further failures here are not "
-                "logged for %gs)",
-                where,
-                _REPORT_INTERVAL,
-                exc_info=exc,
-            )
-        except Exception:  # pragma: no cover - a broken logging handler must not fail the request either
-            pass
 
     # -- the request path ------------------------------------------------------------
 
@@ -525,7 +315,8 @@ class Telemetry:
             # Nothing traced, nothing measured (no session is counted without the request
             # instruments either): only the access log may want this request.
             if access_logger.isEnabledFor(logging.INFO):
-                self._access_log(token, exchange, status, error, duration)
+                session = token if isinstance(token, SessionPending) else None
+                access_log(token, session, exchange, status, error, duration, self.report)
             return
         if isinstance(token, SessionPending):
             self._end_session(token, exchange, status, error)
@@ -534,7 +325,8 @@ class Telemetry:
         if token.context_token is not None:
             context.detach(token.context_token)
         if access_logger.isEnabledFor(logging.INFO):
-            self._access_log(token, exchange, status, error, duration)
+            session = token if isinstance(token, SessionPending) else None
+            access_log(token, session, exchange, status, error, duration, self.report)
 
     def _end_request(
         self, token: Pending, exchange: Exchange, status: int, error: BaseException | None, duration: float
@@ -613,66 +405,6 @@ class Telemetry:
         except Exception as exc:
             self.report("websocket span end", exc)
 
-    def _access_log(
-        self, token: Pending, exchange: Exchange, status: int, error: BaseException | None, duration: float
-    ) -> None:
-        server = exchange.server.url if exchange.server is not None else None
-        try:
-            extra: dict[str, Any] = {
-                "route": exchange.route,
-                "upstream": exchange.upstream.name,
-                "server": server,
-                "method": token.method,
-                "path": token.path,
-                "upstream_path": exchange.path,
-                "status": status,
-                "attempts": exchange.attempts,
-                "duration": duration,
-                "request_id": exchange.request_id,
-                "client": exchange.client_ip or None,
-                "error": error_type(error) if error is not None else None,
-            }
-            if exchange.auth_result is not None:
-                extra["auth"] = exchange.auth_result
-            if exchange.rate_limit_result is not None:
-                extra["rate_limit"] = exchange.rate_limit_result
-            head: tuple[object, ...]
-            tail: tuple[object, ...]
-            if isinstance(token, SessionPending):
-                record = _SESSION_RECORD
-                head = (token.path,)
-                tail = (
-                    token.to_upstream,
-                    token.to_client,
-                    token.close_code if token.close_code is not None else "-",
-                    token.closed_by or "-",
-                )
-                extra["websocket_messages_to_upstream"] = token.to_upstream
-                extra["websocket_messages_to_client"] = token.to_client
-                extra["websocket_close_code"] = token.close_code
-                extra["websocket_closed_by"] = token.closed_by
-            else:
-                record = _REQUEST_RECORD
-                head = (token.method, token.path)
-                tail = ()
-                span = token.span or token.traced or trace.get_current_span()
-                extra["trace_id"], extra["span_id"] = _trace_ids(span)
-            access_logger.info(
-                record,
-                *head,
-                status,
-                duration * 1000,
-                exchange.route,
-                exchange.upstream.name,
-                server or "-",
-                exchange.attempts,
-                *tail,
-                exchange.request_id,
-                extra=extra,
-            )
-        except Exception as exc:
-            self.report("access log", exc)
-
     # -- propagation -----------------------------------------------------------------
 
     def propagation(self) -> _Propagation:
@@ -706,14 +438,6 @@ def _unanswered(status: int, error: BaseException | None) -> bool:
     return status == 499 and isinstance(error, ClientDisconnected)
 
 
-def _trace_ids(span: Span) -> tuple[str | None, str | None]:
-    """The trace and span ids the access log names, in their hex forms (None when invalid)."""
-    span_context = span.get_span_context()
-    if not span_context.is_valid:
-        return None, None
-    return trace.format_trace_id(span_context.trace_id), trace.format_span_id(span_context.span_id)
-
-
 def _session_attributes(exchange: Exchange) -> dict[str, AttributeValue]:
     return {GATEWAY_UPSTREAM: exchange.upstream.name, HTTP_ROUTE: exchange.route}
 
@@ -724,17 +448,3 @@ def _error_type(status: int, error: BaseException | None) -> str | None:
     if status >= 500:
         return str(status)
     return None
-
-
-_VERSION: list[str] = []
-
-
-def _version() -> str:
-    if not _VERSION:
-        try:
-            from importlib.metadata import version
-
-            _VERSION.append(version("asgi-gateway"))
-        except Exception:
-            _VERSION.append("0")
-    return _VERSION[0]

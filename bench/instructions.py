@@ -25,10 +25,10 @@ layers with the same config where they use all of them (hedge, adaptive_concurre
 discovery, rate limit, auth, ip rules, transformation; and the admin page): the measured
 route's requests must cost the same in both. With `--calls`, each layer alone, by calls.
 
-Traced runs (`--tracing sampled|all|sdk`) end spans through a `BatchSpanProcessor`, as
-bench/run.py's apps do; its export thread wakes on wall time, which varies their counts by a
-few percent. `BENCH_SPAN_PROCESSOR=simple` drops each span as it ends instead, in the request's
-thread: deterministic, for comparing two versions of the SDK's path (`--sdk-patch`).
+Traced runs (`--tracing sampled|all|sdk`) drop each span as it ends, in the request's thread,
+so that no export thread's wake-ups (on wall time) vary the counts; `BENCH_SPAN_PROCESSOR=batch`
+ends them through a `BatchSpanProcessor` instead, as bench/run.py's apps do (its counts then
+vary by several percent).
 
 Without valgrind (`--no-valgrind`) the driver runs once and prints CPU µs per request instead
 (noisy on a shared machine); `--calls` counts function calls per request (cProfile).
@@ -194,13 +194,13 @@ def _tracer_provider(level: str) -> Any:
         level
     ]
     provider = TracerProvider(sampler=sampler, id_generator=_ids())
-    if os.environ.get("BENCH_SPAN_PROCESSOR") == "simple":
+    if os.environ.get("BENCH_SPAN_PROCESSOR") == "batch":
+        # As in bench/run.py's apps: batches of 512, dropped by the exporter in the SDK's thread.
+        provider.add_span_processor(BatchSpanProcessor(Discard()))
+    else:
         # Each span dropped as it ends, in the request's thread: no export thread whose
         # wake-ups (every 5 s of wall time, which valgrind stretches) vary the counts.
         provider.add_span_processor(SimpleSpanProcessor(Discard()))
-    else:
-        # As in bench/run.py's apps: batches of 512, dropped by the exporter in the SDK's thread.
-        provider.add_span_processor(BatchSpanProcessor(Discard()))
     return provider
 
 

@@ -49,7 +49,7 @@ def prepare(
         scheme = "https" if scope.get("scheme") == "wss" else "http"
     else:
         scheme = scope.get("scheme", "http")
-    is_trusted = bool(trusted) and peer in trusted
+    is_trusted = trusted.configured and peer in trusted
     headers, incoming = upstream_headers(
         scope["headers"], client_host=peer, scheme=scheme, trusted=is_trusted
     )

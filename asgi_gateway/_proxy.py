@@ -56,15 +56,17 @@ os.register_at_fork(after_in_child=_ids.seed)
 class TrustedProxies(AddressSet):
     """Addresses whose X-Forwarded-* headers are believed, parsed once; "*" trusts every peer."""
 
-    __slots__ = ("always",)
+    __slots__ = ("always", "configured")
 
     def __init__(self, specs: Iterable[str]) -> None:
         specs = list(specs)
         self.always = "*" in specs
         super().__init__(spec for spec in specs if spec != "*")
+        #: Whether any peer is trusted: a plain attribute, read on every request.
+        self.configured = self.always or bool(self.hosts) or bool(self.networks)
 
     def __bool__(self) -> bool:
-        return self.always or super().__bool__()
+        return self.configured
 
     def __contains__(self, host: object) -> bool:
         if not isinstance(host, str):

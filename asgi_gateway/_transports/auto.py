@@ -42,11 +42,14 @@ class AutoTransport(Transport):
         else:
             logger.warning("the built-in HTTP/1.1 pool needs asyncio; using the httpx transport under trio")
             self._inner = HttpxTransport()
+        # Once open, the layer above calls the real transport's method itself: an instance
+        # attribute found before this class's method, so no call of this layer per attempt.
+        self.handle_request = self._inner.handle_request  # type: ignore[method-assign]
         return self._inner
 
     def handle_request(self, request: Request) -> Awaitable[Response]:
-        # The inner transport's own awaitable: no coroutine of this layer between the
-        # relay and the socket, to be resumed at each wake-up of the exchange.
+        # Until opened. The inner transport's own awaitable: no coroutine of this layer
+        # between the relay and the socket, to be resumed at each wake-up of the exchange.
         return (self._inner or self._open()).handle_request(request)
 
     def open(self) -> None:
@@ -65,5 +68,6 @@ class AutoTransport(Transport):
 
     async def aclose(self) -> None:
         inner, self._inner = self._inner, None
+        self.__dict__.pop("handle_request", None)
         if inner is not None:
             await inner.aclose()

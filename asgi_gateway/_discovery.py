@@ -41,7 +41,7 @@ import anyio
 import anyio.abc
 
 from ._config import UpstreamConfig
-from ._config.validation import nameserver_address
+from ._config.validation_upstream import nameserver_address
 from ._exceptions import ConfigError
 from ._types import Server
 

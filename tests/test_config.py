@@ -670,7 +670,7 @@ def test_typed_max_message_size_is_validated() -> None:
 def test_header_rules_may_not_name_a_header_the_relay_replaces() -> None:
     # The relay drops or rewrites these itself; a rule on them would silently do nothing.
     from asgi_gateway import _proxy
-    from asgi_gateway._config import validation
+    from asgi_gateway._config import validation_route as validation
 
     assert {name.decode() for name in _proxy.HOP_BY_HOP} == validation._HOP_BY_HOP
     assert {name.decode() for name in _proxy._REPLACED_UP} <= validation._RULE_RESERVED_UP

@@ -24,14 +24,9 @@ from .models import (
     _Inherit,
 )
 from .reader import _Errors, _file_bytes, _optional_section, _parse_file, _read_file, _Reader
-from .validation import (
-    GatewayConfig,
-    _check_lifecycle,
-    _check_redis,
-    _check_route,
-    _check_settings,
-    _check_upstream,
-)
+from .validation import GatewayConfig, _check_lifecycle, _check_redis, _check_settings
+from .validation_route import _check_route
+from .validation_upstream import _check_upstream
 
 
 def load_config(source: GatewayConfig | Mapping[str, Any] | str | os.PathLike[str]) -> GatewayConfig:

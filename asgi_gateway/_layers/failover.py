@@ -7,14 +7,9 @@ last resort of a retry that has already tried every available primary; and, when
 nothing at all is available, to every server if the upstream opts into `panic`,
 else nowhere: `NoServerAvailable` (503) at once.
 
-Passive outlier detection counts each server's consecutive gateway failures: connect
-failures, resets, read timeouts, 502/503/504 answers and bodies that break off. Any
-other answer read to its end resets the count. At `consecutive_failures` the server
-is ejected for `base_ejection_time * 2**ejections`, at most `max_ejection_time`, and
-never while `max_ejection_percent` of the servers are already out (one always may
-be). An ejection ends lazily, on the first pick after its time. The multiplier
-decays as Envoy's does: each `base_ejection_time` a server has been back since its
-last ejection ended takes one doubling off its next one.
+Passive outlier detection: this layer counts each server's consecutive gateway failures,
+and at `consecutive_failures` `outlier.Outliers` ejects it (or not) and for how long; the
+rules are told there. An ejection ends lazily, on the first pick after its time.
 
 The available set is cached and rebuilt only when a server changes state, so a
 pick costs the balancer's work and one clock read.
@@ -30,41 +25,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 from .._config import UpstreamConfig
 from .._exceptions import NoServerAvailable, UpstreamError
 from .._types import NULL_EVENTS, Exchange, GatewayEvents, Handler, Request, Response, Server
 from .balancer import Balancer, make_balancer
+from .outlier import FAILURE_CONDITIONS, FAILURE_STATUSES, Outliers
 
 __all__ = ["FailoverLayer"]
 
 logger = logging.getLogger("asgi_gateway.health")
 
-#: Statuses with which an upstream says that it, or what stands behind it, is failing.
-FAILURE_STATUSES: Final = frozenset({502, 503, 504})
-#: Errors that count against a server. A total timeout is the client's deadline, not the server's fault.
-FAILURE_CONDITIONS: Final = frozenset({"connect-failure", "reset", "timeout"})
-#: How far back the status view counts a server's failures.
-RECENT_WINDOW: Final = 60.0
-_MAX_RECENT: Final = 256
-#: Caps the ejection multiplier's exponent; `max_ejection_time` caps the duration anyway.
-_MAX_DOUBLINGS: Final = 32
-
 Group = Literal["primary", "backup", "panic"]
-
-
-class _Failures:
-    """A server's recent passive failures, for the status view."""
-
-    __slots__ = ("last_reason", "times")
-
-    def __init__(self) -> None:
-        self.times: deque[float] = deque(maxlen=_MAX_RECENT)
-        self.last_reason: str | None = None
 
 
 class _Attempt:
@@ -159,14 +134,16 @@ class FailoverLayer(Handler):
         self._events = events
         self._clock = clock
         self._outlier = upstream.outlier_detection
-        self._max_ejected = self._ejection_limit()
+        self._outliers = Outliers(self._name, self._outlier, self._servers, events)
+        # The outliers' own set and failure history, never rebound: read on every rebuild and
+        # written on every failure, one attribute away.
+        self._ejected = self._outliers.ejected
+        self._failures = self._outliers.failures
         if backup_balancer is None and any(server.backup for server in self._servers):
             backup_balancer = make_balancer(upstream)
         self._backup_balancer = backup_balancer
         # Only a balancer that learns from latency (peak_ewma) costs a second clock read per attempt.
         self._observe = _observer(balancer, backup_balancer)
-        self._failures = {server: _Failures() for server in self._servers}
-        self._ejected: set[Server] = set()
         #: Soonest end of an ejection; a pick at or after it readmits.
         self._next_expiry = math.inf
         self._group: Group | None = None
@@ -245,12 +222,7 @@ class FailoverLayer(Handler):
         kept = set(new)
         removed = [server for server in self._servers if server not in kept]
         self._servers = new
-        for server in removed:
-            self._failures.pop(server, None)
-            self._ejected.discard(server)
-        for server in new:
-            if server not in self._failures:
-                self._failures[server] = _Failures()
+        self._outliers.set_servers(new, removed)
         self._draining = [
             server for server in (*self._draining, *removed) if server.in_flight > 0 and server not in kept
         ]
@@ -271,12 +243,7 @@ class FailoverLayer(Handler):
         `retire` once it is done.
         """
         now = self._clock()
-        for server in self._servers:
-            failures = previous._failures.get(server)
-            if failures is not None:
-                self._failures[server] = failures
-            if server in previous._ejected:
-                self._ejected.add(server)
+        self._outliers.take_over(previous._outliers, self._servers)
         self._balancer.take_over(previous._balancer, self._servers)
         if self._backup_balancer is not None and previous._backup_balancer is not None:
             self._backup_balancer.take_over(previous._backup_balancer, self._servers)
@@ -284,15 +251,7 @@ class FailoverLayer(Handler):
         mine = set(self._servers)
         return [server for server in previous._servers if server not in mine]
 
-    def _ejection_limit(self) -> int:
-        if self._outlier is None:
-            return 0
-        share = math.floor(len(self._servers) * self._outlier.max_ejection_percent / 100)
-        # As Envoy does: one server may always go, whatever the percentage rounds to.
-        return max(1, share)
-
     def _after_set_change(self) -> None:
-        self._max_ejected = self._ejection_limit()
         if self._backup_balancer is None and any(server.backup for server in self._servers):
             self._backup_balancer = make_balancer(self._upstream)
             self._observe = _observer(self._balancer, self._backup_balancer)
@@ -334,15 +293,13 @@ class FailoverLayer(Handler):
             self._readmit(now)
         wall = time.time()
         check = self._upstream.health_check
-        outlier = self._outlier
         hedge = self._upstream.hedge
         servers = []
         self._draining = [server for server in self._draining if server.in_flight > 0]
         for server in (*self._servers, *self._draining):
             ejected = server in self._ejected
             remaining = server.ejected_until - now if ejected else None
-            failures = self._failures.get(server) or _Failures()
-            recent = sum(1 for at in failures.times if now - at <= RECENT_WINDOW)
+            recent, last_failure = self._outliers.recent(server, now)
             server.recent_failures = recent
             draining = server in self._draining
             if draining:
@@ -377,7 +334,7 @@ class FailoverLayer(Handler):
                     "in_flight": server.in_flight,
                     "consecutive_failures": server.consecutive_failures,
                     "recent_failures": recent,
-                    "last_failure": failures.last_reason,
+                    "last_failure": last_failure,
                     "last_check": (
                         {
                             "result": server.last_check[0],
@@ -402,16 +359,7 @@ class FailoverLayer(Handler):
                 if check is not None
                 else None
             ),
-            "outlier_detection": (
-                {
-                    "consecutive_failures": outlier.consecutive_failures,
-                    "base_ejection_time": outlier.base_ejection_time,
-                    "max_ejection_time": outlier.max_ejection_time,
-                    "max_ejection_percent": outlier.max_ejection_percent,
-                }
-                if outlier is not None
-                else None
-            ),
+            "outlier_detection": self._outliers.view(),
             "panic": self._upstream.panic,
             "hedge": {"delay": hedge.delay, "max_extra": hedge.max_extra} if hedge is not None else None,
             "servers": servers,
@@ -516,20 +464,7 @@ class FailoverLayer(Handler):
             )
 
     def _readmit(self, now: float) -> None:
-        for server in [server for server in self._ejected if server.ejected_until <= now]:
-            self._ejected.discard(server)
-            server.consecutive_failures = 0
-            extra = {"upstream": self._name, "server": server.url, "reason": "ejection-ended"}
-            if server.healthy:
-                logger.info("readmitted server %s of upstream %r", server.url, self._name, extra=extra)
-                self._events.readmitted(server)
-            else:
-                logger.info(
-                    "ejection of server %s of upstream %r ended; it stays out until its health check passes",
-                    server.url,
-                    self._name,
-                    extra=extra,
-                )
+        self._outliers.readmit(now)
         self._recompute(now)
 
     def _failure(self, server: Server, reason: str, exchange: Exchange | None) -> None:
@@ -551,36 +486,5 @@ class FailoverLayer(Handler):
         server.consecutive_failures += 1
         if server.consecutive_failures < outlier.consecutive_failures:
             return
-        if len(self._ejected) >= self._max_ejected:
-            logger.debug(
-                "server %s of upstream %r is failing but %d server(s) are already ejected",
-                server.url,
-                self._name,
-                len(self._ejected),
-                extra={"upstream": self._name, "server": server.url, "reason": reason},
-            )
-            return
-        # Envoy-style decay: each base_ejection_time the server has been back (since its
-        # last ejection ended) takes one doubling off the next ejection.
-        if server.ejections and server.ejected_until:
-            healthy_for = max(0.0, now - server.ejected_until)
-            server.ejections = max(0, server.ejections - int(healthy_for // outlier.base_ejection_time))
-        duration = min(
-            outlier.max_ejection_time,
-            outlier.base_ejection_time * 2 ** min(server.ejections, _MAX_DOUBLINGS),
-        )
-        server.ejections += 1
-        server.ejected_until = now + duration
-        server.consecutive_failures = 0
-        self._ejected.add(server)
-        logger.warning(
-            "ejected server %s of upstream %r for %gs after %d consecutive failures (last: %s)",
-            server.url,
-            self._name,
-            duration,
-            outlier.consecutive_failures,
-            reason,
-            extra={"upstream": self._name, "server": server.url, "reason": reason},
-        )
-        self._events.ejected(server, duration, exchange)
-        self._recompute(now)
+        if self._outliers.eject(server, reason, exchange, now):
+            self._recompute(now)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import sys
+from collections.abc import Callable
+from types import FrameType
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asgi_gateway import BadRequest, load_config
-from asgi_gateway._routing import Router, resolve_dot_segments
+from asgi_gateway import BadRequest, ConfigError, GatewayConfig, load_config
+from asgi_gateway._routing import Route, Router, resolve_dot_segments
 
 
 def router(*routes: dict[str, object]) -> Router:
@@ -177,3 +182,132 @@ def test_plain_path_lookup_examples() -> None:
     assert router.match("GET", None, b"/api/") == (router.routes[1], b"/")
     assert router.match("GET", None, b"/apix") == (router.routes[2], b"/apix")
     assert router.match("GET", None, b"/") == (router.routes[2], b"/")
+
+
+# -- rewrites ------------------------------------------------------------------------------------
+
+
+def _expand(replacement: str) -> bytes:
+    """A rewrite's replacement in `re`'s own template syntax (`Match.expand`)."""
+    out = re.sub(
+        r"\$(?:(\$)|(\d+)|\{(\w+)\})", lambda m: "$" if m[1] else f"\\g<{m[2] or m[3]}>", replacement
+    )
+    return out.encode("ascii")
+
+
+def _rewritten_by_the_book(
+    router: Router, config: GatewayConfig, method: str, path: bytes
+) -> tuple[Route, bytes] | None:
+    """What a rewrite does, the long way: `re`'s expansion, and always the full re-match."""
+    found = Router.match(router, method, None, path)
+    if found is None or found[0].rewrite is None:
+        return found
+    route, sent = found
+    spec = config.routes[route.index].rewrite
+    assert spec is not None
+    hit = re.search(spec.pattern.encode("ascii"), sent)
+    if hit is None:
+        return found
+    rewritten = sent[: hit.start()] + hit.expand(_expand(spec.replacement)) + sent[hit.end() :]
+    as_sent = (
+        b"".join(b"/" + part for part in route.segments) + rewritten if route.strip_prefix else rewritten
+    )
+    again = Router.match(router, method, None, as_sent)
+    if again is None or again[0] is not route:
+        raise BadRequest("the rewritten path would leave its route")
+    return again
+
+
+_REWRITES = [
+    {"pattern": "^/(.*)$", "replacement": "/v2/$1"},
+    {"pattern": r"^/(?P<version>v\d+)/([^/]+)/(\d+)$", "replacement": "/$3/${version}/$2"},
+    {"pattern": "users", "replacement": "people"},
+    {"pattern": "^/x-([^/]*)-([^/]*)/(.*)$", "replacement": "/$1$2/$3"},
+    {"pattern": "^/(a)?b/(.*)", "replacement": "/[$1]%20$$/${2}"},
+    {"pattern": "^/([^/]*)(/.*)?$", "replacement": "$2/$1"},
+    {"pattern": "^/item/(.*)", "replacement": "/item;v=1/${1}"},
+]
+_REWRITE_SEGMENT = st.sampled_from(
+    ["users", "v2", "7", "a", "b", "x-.-.", "x-a-b", ".", "..", "%2e", "", "a;b"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["/", "/api", "/api/users", "/item"]),
+            st.booleans(),
+            st.none() | st.sampled_from(range(len(_REWRITES))),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.lists(_REWRITE_SEGMENT, max_size=5),
+)
+def test_a_rewrite_gives_what_res_own_expansion_and_a_full_rematch_give(
+    specs: list[tuple[str, bool, int | None]], segments: list[str]
+) -> None:
+    routes: list[dict[str, object]] = []
+    for path, strip, rewrite in specs:
+        route: dict[str, object] = {"path": path, "upstream": "u", "strip_prefix": strip}
+        if rewrite is not None:
+            route["rewrite"] = _REWRITES[rewrite]
+        routes.append(route)
+    try:
+        config = load_config({"routes": routes, "upstreams": {"u": {"servers": ["http://127.0.0.1:1"]}}})
+    except ConfigError:
+        return  # a rewrite the route cannot take (checked at start-up, not here)
+    r = Router(config)
+    path = ("/" + "/".join(segments)).encode()
+    try:
+        expected: object = _rewritten_by_the_book(r, config, "GET", path)
+    except BadRequest as exc:
+        expected = type(exc)
+    try:
+        assert r.match("GET", None, path) == expected
+    except BadRequest as exc:
+        assert type(exc) is expected
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "path", "expected"),
+    [
+        ({"pattern": "^/(.*)$", "replacement": "/v2/$1"}, b"/1k", b"/v2/1k"),
+        # Group 0, a group that took no part, a literal "%" and "$".
+        ({"pattern": "^/(a)?b/(.*)", "replacement": "/$1[$0]%20$$/${2}"}, b"/b/c", b"/[/b/c]%20$/c"),
+        # Not anchored: the text around the match stays.
+        ({"pattern": "users", "replacement": "people"}, b"/api/users/7", b"/api/people/7"),
+        ({"pattern": "^/(?P<a>[^/]*)/(?P<b>[^/]*)$", "replacement": "/${b}/${a}/$1"}, b"/x/y", b"/y/x/x"),
+    ],
+)
+def test_rewrite_examples(rewrite: dict[str, str], path: bytes, expected: bytes) -> None:
+    match = router({"path": "/", "upstream": "u", "rewrite": rewrite}).match("GET", None, path)
+    assert match is not None and match[1] == expected
+
+
+def _python_calls(call: Callable[[], object]) -> list[str]:
+    """The Python functions one `call()` runs, itself included (built-ins left out)."""
+    called: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call":
+            called.append(frame.f_code.co_name)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(previous)
+    return called[1:]  # the lambda itself
+
+
+def test_a_rewrite_costs_the_routes_without_one_no_call() -> None:
+    edge = {"path": "/edge", "upstream": "u", "rewrite": {"pattern": "^/edge/(.*)$", "replacement": "/$1"}}
+    plain = router({"path": "/edge", "upstream": "u"}, {"path": "/", "upstream": "u"})
+    rewriting = router(edge, {"path": "/", "upstream": "u"})
+    for path in (b"/1k", b"/a/../1k"):
+        assert rewriting.match("GET", None, path) == (rewriting.routes[1], path.replace(b"/a/..", b""))
+        without = _python_calls(lambda: plain.match("GET", None, path))  # noqa: B023
+        assert len(_python_calls(lambda: rewriting.match("GET", None, path))) == len(without)  # noqa: B023

@@ -6,11 +6,15 @@ rewriting, Python hooks (middleware and mounted forms) and RFC 7239 `Forwarded` 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import quote
 
@@ -42,6 +46,8 @@ from asgi_gateway import (
     UpstreamConfig,
     load_config,
 )
+from asgi_gateway._layers.transform import transform_layer
+from asgi_gateway._types import Exchange, Handler, RequestBody
 
 SECRET = "transform-" + "s" * 40
 
@@ -273,6 +279,109 @@ def test_routes_without_transformations_get_no_layer(upstreams: Upstreams) -> No
         configured = route.request_headers or route.response_headers or route.redirects != "keep"
         if not configured and route.auth is None:
             assert handler is gateway.stacks[route.upstream].handler, route.path
+
+
+# -- the layer in-process: what it costs, what it leaves alone -----------------------------
+
+
+class _Answer(Handler):
+    """The route's stack, in-process: answers every request at once with `headers`."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
+
+    async def handle_request(self, request: Request) -> Response:
+        return Response(200, list(self.headers), BufferedStream(b"ok"))
+
+
+def _layer(route: dict[str, Any], inner: Handler, hooks: Hooks | None = None) -> Handler:
+    config = load_config(
+        {
+            "routes": [{"path": "/", "upstream": "one", **route}],
+            "upstreams": {"one": {"servers": ["http://127.0.0.1:9"]}},
+        }
+    )
+    return transform_layer(inner, config, 0, hooks)
+
+
+def _request(*headers: tuple[bytes, bytes]) -> Request:
+    upstream = load_config(
+        {
+            "routes": [{"path": "/", "upstream": "one"}],
+            "upstreams": {"one": {"servers": ["http://127.0.0.1:9"]}},
+        }
+    ).upstreams["one"]
+    exchange = Exchange("req-1", "/", upstream, "127.0.0.1", "/x", "http")
+    return Request("GET", b"/x", [(b"accept", b"*/*"), *headers], RequestBody([], 0), exchange)
+
+
+#: The transformation layer's modules, by the start of their file names.
+LAYERS = str(Path(transform_layer.__code__.co_filename).with_name("transform"))
+
+
+def test_header_rules_both_ways_cost_one_coroutine_and_one_call_each_way() -> None:
+    inner = _Answer([(b"server", b"nginx"), (b"content-type", b"text/plain")])
+    layer = _layer(
+        {
+            "request_headers": {"set": {"x-edge": "1"}, "add": {"x-via": "gateway"}},
+            "response_headers": {"remove": ["server"]},
+        },
+        inner,
+    )
+    request = _request((b"x-request-id", b"req-1"))
+    called: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_filename.startswith(LAYERS):
+            called.append(frame.f_code.co_name)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        response = asyncio.run(_handle(layer, request))
+    finally:
+        sys.setprofile(previous)
+    assert request.headers == [
+        (b"accept", b"*/*"),
+        (b"x-request-id", b"req-1"),
+        (b"x-edge", b"1"),
+        (b"x-via", b"gateway"),
+    ]
+    assert response.headers == [(b"content-type", b"text/plain")]
+    # The layer's own coroutine (no second one around the stack's), one call per direction.
+    assert len(called) == 3, called
+    # A client's header of a `set` name is replaced all the same.
+    request = _request((b"x-edge", b"client's"))
+    asyncio.run(_handle(layer, request))
+    assert request.headers == [(b"accept", b"*/*"), (b"x-edge", b"1"), (b"x-via", b"gateway")]
+
+
+async def _handle(layer: Handler, request: Request) -> Response:
+    return await layer.handle_request(request)
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"remove": ["server"]},
+        {"add": {"x-added": "1"}},
+        {"set": {"server": "gateway"}, "add": {"x-id": "{request_id}"}},
+        {"remove": ["x-absent"], "add": {"x-added": "1"}},
+    ],
+)
+def test_response_rules_leave_the_header_list_they_are_given_alone(rules: dict[str, Any]) -> None:
+    # A hook's answer may hand over a list of its own, used again for the next request.
+    shared = [(b"server", b"hook"), (b"x-kept", b"1")]
+    answer = Response(200, shared, BufferedStream(b"ok"))
+    layer = _layer(
+        {"response_headers": rules}, _Answer([]), Hooks(on_response=lambda request, response: answer)
+    )
+    first = asyncio.run(_handle(layer, _request())).headers
+    assert shared == [(b"server", b"hook"), (b"x-kept", b"1")]
+    assert first is not shared
+    assert (b"x-kept", b"1") in first
+    dropped = "server" in rules.get("remove", []) or "server" in rules.get("set", {})
+    assert ((b"server", b"hook") in first) is not dropped
 
 
 # -- start-up checks ---------------------------------------------------------------------

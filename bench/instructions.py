@@ -75,6 +75,9 @@ if __name__ == "__main__" and "--child" in sys.argv:
 
 import hotpath  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "apps"))
+from sdk_spans import ClientSpans, server_spans  # noqa: E402
+
 BENCH = Path(__file__).resolve().parent
 SETUPS = ("standalone", "starlette", "fastapi", "fastapi-inner", "fastapi-front")
 TRACING = ("off", "unsampled", "sampled", "all", "sdk")
@@ -219,10 +222,10 @@ def build(setup: str, tracing: str, kind: str) -> Any:
 
         tracer = options["tracer_provider"].get_tracer("bench")
         options["tracer_provider"] = trace.NoOpTracerProvider()
-        options["transport"] = _client_spans(options["transport"], tracer)
+        options["transport"] = ClientSpans(options["transport"], tracer)
         if setup != "standalone":
             raise SystemExit("bench: --tracing sdk is for --setup standalone")
-        return _server_spans(Gateway(config(kind), **options), tracer)
+        return server_spans(Gateway(config(kind), **options), tracer)
     if setup == "standalone":
         return Gateway(config(kind), **options)
     if setup == "starlette":
@@ -247,70 +250,6 @@ def build(setup: str, tracing: str, kind: str) -> Any:
 
         host.add_middleware(Outer)
     return host
-
-
-def _client_spans(inner: Any, tracer: Any) -> Any:
-    """The SDK's CLIENT span per attempt, made the plainest way (bench/apps/gateway_app.py's)."""
-    from opentelemetry import trace
-
-    from asgi_gateway._types import Request, Response, Transport
-
-    class ClientSpans(Transport):
-        async def handle_request(self, request: Request) -> Response:
-            server = request.server
-            assert server is not None
-            span = tracer.start_span(
-                request.method,
-                kind=trace.SpanKind.CLIENT,
-                attributes={
-                    "http.request.method": request.method,
-                    "server.address": server.host,
-                    "server.port": server.port,
-                    "url.full": server.url + request.target.decode("latin-1"),
-                },
-            )
-            try:
-                response: Response = await inner.handle_request(request)
-            except BaseException:
-                span.end()
-                raise
-            span.set_attribute("http.response.status_code", response.status)
-            response.on_close(lambda response, error: span.end())
-            return response
-
-    return ClientSpans()
-
-
-def _server_spans(gateway: Any, tracer: Any) -> Any:
-    """The SDK's SERVER span around each request, current while the gateway handles it."""
-    from opentelemetry import context, trace
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await gateway(scope, receive, send)
-            return
-        client = scope.get("client")
-        span = tracer.start_span(
-            f"{scope['method']} /",
-            kind=trace.SpanKind.SERVER,
-            attributes={
-                "http.route": "/",
-                "http.request.method": scope["method"],
-                "url.path": scope["path"],
-                "url.scheme": scope["scheme"],
-                "gateway.upstream": "backend",
-                "client.address": client[0] if client else "",
-            },
-        )
-        token = context.attach(trace.set_span_in_context(span))
-        try:
-            await gateway(scope, receive, send)
-        finally:
-            span.set_attribute("http.response.status_code", 200)
-            span.end()
-            context.detach(token)
-
-    return app
 
 
 class _Receive:
@@ -419,8 +358,8 @@ def run_once(setup: str, tracing: str, kind: str, requests: int, sdk_patch: bool
     return asyncio.run(drive(build(setup, tracing, kind), requests))
 
 
-def call_counts(setup: str, tracing: str, kind: str, requests: int) -> dict[str, float]:
-    """Calls per request of each function (cProfile: deterministic counts)."""
+def _profile(setup: str, tracing: str, kind: str, requests: int) -> dict[Any, Any]:
+    """cProfile's table of one run: (file, line, name) -> (calls, ...)."""
     import cProfile
     import pstats
 
@@ -431,6 +370,12 @@ def call_counts(setup: str, tracing: str, kind: str, requests: int) -> dict[str,
     asyncio.run(drive(app, requests))
     profiler.disable()
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    return stats  # type: ignore[no-any-return]
+
+
+def call_counts(setup: str, tracing: str, kind: str, requests: int) -> dict[str, float]:
+    """Calls per request of each function (cProfile: deterministic counts)."""
+    stats = _profile(setup, tracing, kind, requests)
     out: dict[str, float] = {}
     for (filename, line, name), (_, ncalls, *_rest) in stats.items():
         where = filename.split("site-packages/")[-1].split("/work/main/")[-1]
@@ -460,16 +405,7 @@ def layers_calls(setup: str, tracing: str, requests: int) -> str:
 
 def calls(setup: str, tracing: str, kind: str, requests: int, top: int) -> str:
     """Function calls per request by package, and the OpenTelemetry functions called most."""
-    import cProfile
-    import pstats
-
-    app = build(setup, tracing, kind)
-    random.seed(20)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    asyncio.run(drive(app, requests))
-    profiler.disable()
-    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    stats = _profile(setup, tracing, kind, requests)
     by_package: dict[str, int] = {}
     otel: list[tuple[float, str]] = []
     for (filename, line, name), (_, ncalls, *_rest) in stats.items():

@@ -28,14 +28,14 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-from opentelemetry import context, trace
+from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+from sdk_spans import ClientSpans, server_spans
 
 from asgi_gateway import Gateway
-from asgi_gateway._types import Request, Response, Transport
 
 
 def _tracer_provider(level: str) -> Any:
@@ -100,70 +100,6 @@ def _transport(kind: str) -> Any:
     raise SystemExit(f"BENCH_TRANSPORT must be pool or httpx, not {kind!r}")
 
 
-class _ClientSpans(Transport):
-    """The SDK's CLIENT span around each attempt, made the plainest way (the yardstick)."""
-
-    def __init__(self, inner: Transport, tracer: trace.Tracer) -> None:
-        self.inner = inner
-        self.tracer = tracer
-
-    async def handle_request(self, request: Request) -> Response:
-        server = request.server
-        assert server is not None
-        span = self.tracer.start_span(
-            request.method,
-            kind=trace.SpanKind.CLIENT,
-            attributes={
-                "http.request.method": request.method,
-                "server.address": server.host,
-                "server.port": server.port,
-                "url.full": server.url + request.target.decode("latin-1"),
-            },
-        )
-        try:
-            response = await self.inner.handle_request(request)
-        except BaseException:
-            span.end()
-            raise
-        span.set_attribute("http.response.status_code", response.status)
-        response.on_close(lambda response, error: span.end())
-        return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-def _with_server_spans(gateway: Gateway, tracer: trace.Tracer) -> Any:
-    """The SDK's SERVER span around each request, current while the gateway handles it."""
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await gateway(scope, receive, send)
-            return
-        client = scope.get("client")
-        span = tracer.start_span(
-            f"{scope['method']} /",
-            kind=trace.SpanKind.SERVER,
-            attributes={
-                "http.route": "/",
-                "http.request.method": scope["method"],
-                "url.path": scope["path"],
-                "url.scheme": scope["scheme"],
-                "gateway.upstream": "backend",
-                "client.address": client[0] if client else "",
-            },
-        )
-        token = context.attach(trace.set_span_in_context(span))
-        try:
-            await gateway(scope, receive, send)
-        finally:
-            span.set_attribute("http.response.status_code", 200)
-            span.end()
-            context.detach(token)
-
-    return app
-
-
 def make_app() -> Any:
     servers = [url for url in os.environ["BENCH_UPSTREAMS"].split(",") if url]
     upstreams: dict[str, Any] = {
@@ -196,9 +132,9 @@ def make_app() -> Any:
             {"routes": routes, "upstreams": upstreams},
             tracer_provider=trace.NoOpTracerProvider(),
             meter_provider=NoOpMeterProvider(),
-            transport=_ClientSpans(transport or PoolTransport(), tracer),
+            transport=ClientSpans(transport or PoolTransport(), tracer),
         )
-        return _with_server_spans(gateway, tracer)
+        return server_spans(gateway, tracer)
     options: dict[str, Any] = {
         "tracer_provider": provider,
         "meter_provider": NoOpMeterProvider(),

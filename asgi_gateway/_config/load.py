@@ -104,7 +104,7 @@ def from_mapping(data: Any) -> GatewayConfig:
         errors,
         GatewayConfig,
     )
-    redis = _redis(top, errors)
+    redis = _redis(top)
     raw_upstreams = top.raw("upstreams")
     # Routes are checked against the upstream names even when an upstream's own spec is bad;
     # with no usable `upstreams` at all, "not a configured upstream" would only repeat that.
@@ -170,10 +170,11 @@ def from_mapping(data: Any) -> GatewayConfig:
 
 
 def _admin(top: _Reader) -> AdminConfig:
-    enabled, data = _optional_section(top, "admin", True)
-    if not enabled:
+    reader = top.section(
+        "admin", ("path", "token", "allow_ips", "trace_url"), AdminConfig, on_by_default=True
+    )
+    if reader is None:
         return AdminConfig()
-    reader = _Reader(data, "admin", ("path", "token", "allow_ips", "trace_url"), top.errors, AdminConfig)
     allow = _addresses(reader, "allow_ips")
     return AdminConfig(
         path=reader.string("path"),
@@ -183,11 +184,10 @@ def _admin(top: _Reader) -> AdminConfig:
     )
 
 
-def _redis(top: _Reader, errors: _Errors) -> RedisConfig | None:
-    enabled, data = _optional_section(top, "redis", False)
-    if not enabled:
+def _redis(top: _Reader) -> RedisConfig | None:
+    reader = top.section("redis", ("url", "timeout", "on_error"), RedisConfig)
+    if reader is None:
         return None
-    reader = _Reader(data, "redis", ("url", "timeout", "on_error"), errors, RedisConfig)
     return RedisConfig(
         url=reader.string("url") or "",
         timeout=reader.number("timeout"),
@@ -206,16 +206,11 @@ def _addresses(reader: _Reader, key: str) -> tuple[str, ...] | None:
 
 
 def _rate_limit(route: _Reader) -> RateLimitConfig | None:
-    enabled, data = _optional_section(route, "rate_limit", False)
-    if not enabled:
-        return None
-    reader = _Reader(
-        data,
-        route.where("rate_limit"),
-        ("rate", "per", "burst", "key", "backend", "shadow"),
-        route.errors,
-        RateLimitConfig,
+    reader = route.section(
+        "rate_limit", ("rate", "per", "burst", "key", "backend", "shadow"), RateLimitConfig
     )
+    if reader is None:
+        return None
     burst = None if reader.raw("burst") is None else reader.integer("burst", minimum=1)
     return RateLimitConfig(
         rate=reader.number("rate", required=True),
@@ -228,10 +223,9 @@ def _rate_limit(route: _Reader) -> RateLimitConfig | None:
 
 
 def _auth(route: _Reader) -> AuthConfig | None:
-    enabled, data = _optional_section(route, "auth", False)
-    if not enabled:
+    reader = route.section("auth", ("jwt",), AuthConfig)
+    if reader is None:
         return None
-    reader = _Reader(data, route.where("auth"), ("jwt",), route.errors, AuthConfig)
     jwt_on, jwt_data = _optional_section(reader, "jwt", False)
     if not jwt_on:
         # An `auth` that checks nothing would let every request through unnoticed.
@@ -356,10 +350,9 @@ def _route(path: str, data: Any, errors: _Errors) -> RouteConfig:
 
 
 def _header_rules(route: _Reader, key: str) -> HeaderRulesConfig | None:
-    enabled, data = _optional_section(route, key, False)
-    if not enabled:
+    reader = route.section(key, ("set", "add", "remove"), HeaderRulesConfig)
+    if reader is None:
         return None
-    reader = _Reader(data, route.where(key), ("set", "add", "remove"), route.errors, HeaderRulesConfig)
     values: dict[str, dict[str, str]] = {}
     for kind in ("set", "add"):
         raw = reader.raw(kind, {})
@@ -379,10 +372,9 @@ def _header_rules(route: _Reader, key: str) -> HeaderRulesConfig | None:
 
 
 def _rewrite(route: _Reader) -> RewriteConfig | None:
-    enabled, data = _optional_section(route, "rewrite", False)
-    if not enabled:
+    reader = route.section("rewrite", ("pattern", "replacement"), RewriteConfig)
+    if reader is None:
         return None
-    reader = _Reader(data, route.where("rewrite"), ("pattern", "replacement"), route.errors, RewriteConfig)
     pattern = reader.raw("pattern")
     if not isinstance(pattern, str) or not pattern:
         route.errors.add(

@@ -16,7 +16,7 @@ from .models import (
     TimeoutsConfig,
     UpstreamConfig,
 )
-from .reader import _Errors, _optional_section, _Reader
+from .reader import _Errors, _Reader
 
 
 def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
@@ -58,16 +58,13 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
             )
         )
 
-    check_on, check_data = _optional_section(reader, "health_check", False)
     health_check = None
-    if check_on:
-        check = _Reader(
-            check_data,
-            reader.where("health_check"),
-            ("path", "interval", "timeout", "healthy_threshold", "unhealthy_threshold"),
-            errors,
-            HealthCheckConfig,
-        )
+    check = reader.section(
+        "health_check",
+        ("path", "interval", "timeout", "healthy_threshold", "unhealthy_threshold"),
+        HealthCheckConfig,
+    )
+    if check is not None:
         health_check = HealthCheckConfig(
             path=check.string("path") or "",
             interval=check.number("interval"),
@@ -76,16 +73,14 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
             unhealthy_threshold=check.integer("unhealthy_threshold"),
         )
 
-    outlier_on, outlier_data = _optional_section(reader, "outlier_detection", True)
     outlier = None
-    if outlier_on:
-        od = _Reader(
-            outlier_data,
-            reader.where("outlier_detection"),
-            ("consecutive_failures", "base_ejection_time", "max_ejection_time", "max_ejection_percent"),
-            errors,
-            OutlierDetectionConfig,
-        )
+    od = reader.section(
+        "outlier_detection",
+        ("consecutive_failures", "base_ejection_time", "max_ejection_time", "max_ejection_percent"),
+        OutlierDetectionConfig,
+        on_by_default=True,
+    )
+    if od is not None:
         outlier = OutlierDetectionConfig(
             consecutive_failures=od.integer("consecutive_failures"),
             base_ejection_time=od.number("base_ejection_time"),
@@ -135,10 +130,9 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
         total=timeouts_reader.number("total"),
     )
 
-    hedge_on, hedge_data = _optional_section(reader, "hedge", False)
     hedge = None
-    if hedge_on:
-        hedge_reader = _Reader(hedge_data, reader.where("hedge"), ("delay", "max_extra"), errors, HedgeConfig)
+    hedge_reader = reader.section("hedge", ("delay", "max_extra"), HedgeConfig)
+    if hedge_reader is not None:
         hedge = HedgeConfig(delay=hedge_reader.number("delay"), max_extra=hedge_reader.integer("max_extra"))
     adaptive = _adaptive_concurrency(reader)
     return UpstreamConfig(
@@ -159,16 +153,11 @@ def _upstream(name: str, data: Any, errors: _Errors) -> UpstreamConfig:
 
 
 def _discovery(upstream: _Reader) -> DiscoveryConfig | None:
-    enabled, data = _optional_section(upstream, "discovery", False)
-    if not enabled:
-        return None
-    reader = _Reader(
-        data,
-        upstream.where("discovery"),
-        ("type", "interval", "respect_ttl", "nameservers"),
-        upstream.errors,
-        DiscoveryConfig,
+    reader = upstream.section(
+        "discovery", ("type", "interval", "respect_ttl", "nameservers"), DiscoveryConfig
     )
+    if reader is None:
+        return None
     nameservers = reader.raw("nameservers")
     if nameservers is not None and (
         not isinstance(nameservers, list) or not all(isinstance(item, str) for item in nameservers)
@@ -187,12 +176,8 @@ def _discovery(upstream: _Reader) -> DiscoveryConfig | None:
 
 
 def _adaptive_concurrency(upstream: _Reader) -> AdaptiveConcurrencyConfig | None:
-    enabled, data = _optional_section(upstream, "adaptive_concurrency", False)
-    if not enabled:
-        return None
-    reader = _Reader(
-        data,
-        upstream.where("adaptive_concurrency"),
+    reader = upstream.section(
+        "adaptive_concurrency",
         (
             "initial_limit",
             "min_limit",
@@ -204,9 +189,10 @@ def _adaptive_concurrency(upstream: _Reader) -> AdaptiveConcurrencyConfig | None
             "min_rtt_samples",
             "jitter",
         ),
-        upstream.errors,
         AdaptiveConcurrencyConfig,
     )
+    if reader is None:
+        return None
     # Only the types are read here; the bounds are checked in _check_upstream(), so that a
     # config built in Python is checked alike.
     lowest = -float("inf")

@@ -108,6 +108,16 @@ class _Reader:
     def where(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
+    def section(
+        self, key: str, allowed: Sequence[str], model: type, *, on_by_default: bool = False
+    ) -> _Reader | None:
+        """The reader of an optional section (omitted: `on_by_default`; null/false: off; true:
+        on with its defaults), or None when it is off."""
+        enabled, data = _optional_section(self, key, on_by_default)
+        if not enabled:
+            return None
+        return _Reader(data, self.where(key), allowed, self.errors, model)
+
     def has(self, key: str) -> bool:
         return key in self.data
 

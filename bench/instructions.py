@@ -298,61 +298,11 @@ async def drive(app: Any, requests: int) -> float:
     return spent / requests
 
 
-def patch_sdk() -> None:
-    """The smallest change to the SDK measured here (`--sdk-patch`): `BoundedAttributes` stores
-    a plain value (str within the length limit, bool, int, float) as it is, without
-    `_clean_attribute_value`'s isinstance chain and, for a mapping, the cleaned copy of it.
-    What the SDK does with anything else is unchanged."""
-    from opentelemetry import attributes
+def run_once(setup: str, tracing: str, kind: str, requests: int, sdk_patch: str = "") -> float:
+    if sdk_patch and sdk_patch != "none":
+        import sdk_patch as patch
 
-    plain = (bool, int, float)
-    bounded = attributes.BoundedAttributes
-    original_setitem = bounded.__setitem__
-    original_set_items = bounded._set_items
-
-    def clean(self: Any, value: Any) -> bool:
-        kind = type(value)
-        if kind is str:
-            return self.max_value_len is None or len(value) <= self.max_value_len
-        return kind in plain
-
-    def setitem(self: Any, key: str, value: Any) -> None:
-        if self._immutable or type(key) is not str or not key or not clean(self, value):
-            original_setitem(self, key, value)
-            return
-        with self._lock:
-            values = self._dict
-            if key in values:
-                del values[key]
-            if self.maxlen is not None and len(values) >= self.maxlen:
-                self._setitem_locked(key, value)
-            else:
-                values[key] = value
-
-    def set_items(self: Any, items: Any) -> None:
-        # Only the first set, into an empty mapping, that fits: then it is a plain copy.
-        if (
-            self._immutable
-            or self._dict
-            or type(items) is not dict
-            or (self.maxlen is not None and len(items) > self.maxlen)
-        ):
-            original_set_items(self, items)
-            return
-        for key, value in items.items():
-            if type(key) is not str or not key or not clean(self, value):
-                original_set_items(self, items)
-                return
-        with self._lock:
-            self._dict.update(items)
-
-    bounded.__setitem__ = setitem  # type: ignore[method-assign]
-    bounded._set_items = set_items  # type: ignore[method-assign]
-
-
-def run_once(setup: str, tracing: str, kind: str, requests: int, sdk_patch: bool = False) -> float:
-    if sdk_patch:
-        patch_sdk()
+        patch.apply(sdk_patch)
     # The same trace ids (and so the same sampling decisions) in every run.
     random.seed(20)
     return asyncio.run(drive(build(setup, tracing, kind), requests))
@@ -428,9 +378,7 @@ def calls(setup: str, tracing: str, kind: str, requests: int, top: int) -> str:
 # -- under valgrind ------------------------------------------------------------------------------
 
 
-def count(
-    tree: Path | None, setup: str, tracing: str, kind: str, requests: int, sdk_patch: bool = False
-) -> int:
+def count(tree: Path | None, setup: str, tracing: str, kind: str, requests: int, sdk_patch: str = "") -> int:
     """valgrind's instruction count of a whole process driving `requests` requests."""
     with tempfile.TemporaryDirectory(prefix="gw-callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -442,7 +390,7 @@ def count(
             "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
             "--compress-strings=no", sys.executable, str(Path(__file__).resolve()), "--child",
             "--setup", setup, "--tracing", tracing, "--config", kind, "--requests", str(requests),
-            *(["--sdk-patch"] if sdk_patch else []),
+            *(["--sdk-patch", sdk_patch] if sdk_patch else []),
         ]  # fmt: skip
         done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp, timeout=1800)
         if done.returncode != 0:
@@ -455,7 +403,7 @@ def count(
 
 
 def per_request(
-    tree: Path | None, setup: str, tracing: str, kind: str, requests: int, sdk_patch: bool = False
+    tree: Path | None, setup: str, tracing: str, kind: str, requests: int, sdk_patch: str = ""
 ) -> float:
     return (
         count(tree, setup, tracing, kind, 2 * requests, sdk_patch)
@@ -480,7 +428,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--calls", action="store_true", help="count function calls per request instead (cProfile)"
     )
     parser.add_argument(
-        "--sdk-patch", action="store_true", help="with the SDK change measured here (patch_sdk) applied"
+        "--sdk-patch",
+        action="append",
+        metavar="PARTS",
+        help="with these parts of bench/sdk_patch.py's SDK change applied (comma-separated, all, "
+        "or none); repeated: one column each",
     )
     parser.add_argument(
         "--repeat",
@@ -496,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.layers and not args.calls and shutil.which("valgrind") and not args.no_valgrind:
         kinds = ["layers:none", "layers"]
     if args.child:
-        run_once(setups[0], levels[0], args.config, args.requests, args.sdk_patch)
+        run_once(setups[0], levels[0], args.config, args.requests, (args.sdk_patch or [""])[0])
         return 0
     if args.calls and args.layers:
         for setup in setups:
@@ -514,13 +466,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for setup in setups:
             for level in levels:
                 for kind in kinds:
-                    spent = run_once(setup, level, kind, args.requests, args.sdk_patch)
+                    spent = run_once(setup, level, kind, args.requests, (args.sdk_patch or [""])[0])
                     print(f"{setup:<14} tracing {level:<10} {kind:<7} {spent * 1e6:7.1f} µs per request")
         return 0
-    trees: list[Path | None] = list(args.tree or [None])
+    columns: list[tuple[Path | None, str]] = [
+        (tree, patch) for tree in (args.tree or [None]) for patch in (args.sdk_patch or [""])
+    ]
+
+    def title(tree: Path | None, patch: str) -> str:
+        name = str(tree or "this tree")[-18:]
+        return f"sdk {patch}"[-18:] if patch and len(columns) > 1 and not args.tree else name
+
     print(f"instructions per request (valgrind: {2 * args.requests} requests minus {args.requests})")
     header = f"{'set-up':<14} {'tracing':<10} {'config':<7}" + "".join(
-        f" {str(tree or 'this tree')[-18:]:>18}" for tree in trees
+        f" {title(tree, patch):>18}" for tree, patch in columns
     )
     print(header)
     for setup in setups:
@@ -528,14 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for kind in kinds:
                 cells = [
                     statistics.median(
-                        per_request(tree, setup, level, kind, args.requests, args.sdk_patch)
+                        per_request(tree, setup, level, kind, args.requests, patch)
                         for _ in range(args.repeat)
                     )
-                    for tree in trees
+                    for tree, patch in columns
                 ]
                 line = f"{setup:<14} {level:<10} {kind:<7}" + "".join(f" {cell:18,.0f}" for cell in cells)
-                if len(cells) == 2:
-                    line += f"  {cells[1] / cells[0]:.4f}{chr(215)}"
+                if len(cells) >= 2:
+                    line += "".join(f"  {cell / cells[0]:.4f}{chr(215)}" for cell in cells[1:])
                 print(line, flush=True)
     return 0
 

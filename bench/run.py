@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,13 @@ CASES = (
          (("BENCH_TRACING", "sampled"), ("BENCH_HOST", "fastapi")), gateway=True),
     Case("fastapi-all", "asgi_gateway in FastAPI, every request traced", "uvicorn", "gateway_app:app",
          (("BENCH_TRACING", "all"), ("BENCH_HOST", "fastapi")), gateway=True),
+    Case("fastapi-all-patched", "asgi_gateway in FastAPI, every request traced, the SDK patched",
+         "uvicorn", "gateway_app:app",
+         (("BENCH_TRACING", "all"), ("BENCH_HOST", "fastapi"), ("BENCH_SDK_PATCH", "all")), gateway=True,
+         default=False),
+    Case("gateway-sdk-patched", "the SDK's own 2 spans around asgi_gateway, the SDK patched", "uvicorn",
+         "gateway_app:app", (("BENCH_TRACING", "sdk"), ("BENCH_SDK_PATCH", "all")), gateway=True,
+         default=False),
     Case("fastapi-front", "asgi_gateway in front of FastAPI, tracing off", "uvicorn", "gateway_app:app",
          (("BENCH_TRACING", "off"), ("BENCH_HOST", "fastapi-front")), gateway=True, default=False),
     Case("gateway-httpx", "asgi_gateway on the httpx adapter", "uvicorn", "gateway_app:app",
@@ -822,7 +829,15 @@ def targets(
     peer = by.get("asgiproxy")
     rows: list[tuple[str, str, bool | None]] = []
     hosted = (("fastapi-off", 2.5), ("fastapi-sampled", 1.5), ("fastapi-all", 1.1))
-    for key, factor in (("gateway-off", 2.5), ("gateway-sampled", 1.5), ("gateway-all", 1.1), *hosted):
+    # With the SDK change of bench/apps/sdk_patch.py: only when asked for (--only).
+    patched = (("fastapi-all-patched", 1.1),) if "fastapi-all-patched" in by else ()
+    for key, factor in (
+        ("gateway-off", 2.5),
+        ("gateway-sampled", 1.5),
+        ("gateway-all", 1.1),
+        *hosted,
+        *patched,
+    ):
         gateway = by.get(key)
         name = f"{gateway.case.label if gateway else key}: ≥ {factor}{TIMES} asgiproxy req/s"
         if gateway and peer:
@@ -1009,6 +1024,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "`git worktree add /tmp/gw-before HEAD`), in the same rounds: a before/after table",
     )
     parser.add_argument(
+        "--sdk-patch",
+        metavar="PARTS",
+        help="the parts of bench/apps/sdk_patch.py's SDK change the *-patched cases apply "
+        "(comma-separated; default: all)",
+    )
+    parser.add_argument(
         "--profile",
         metavar="CASE",
         help="instead of the table: profile one case with py-spy under the 1 KiB load (--seconds long)",
@@ -1052,6 +1073,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if case.module and importlib.util.find_spec(case.module) is None:
             notes.append(f"{case.label} left out: not installed (pip install -e '.[bench]')")
             continue
+        if args.sdk_patch and case.key.endswith("-patched"):
+            env = tuple((k, args.sdk_patch if k == "BENCH_SDK_PATCH" else v) for k, v in case.env)
+            case = replace(case, label=f"{case.label} ({args.sdk_patch})", env=env)
         cases.append(case)
 
     if args.before:

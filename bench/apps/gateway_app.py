@@ -9,6 +9,7 @@
     BENCH_TRANSPORT   pool (the built-in HTTP/1.1 client) | httpx (the httpx adapter)
     BENCH_MAX_CONNECTIONS  the built-in pool's connections per server (default: its own, 100)
     BENCH_SPAN_COUNT_FILE  where SIGUSR1 writes how many spans were recorded (optional)
+    BENCH_SDK_PATCH   parts of the SDK change in sdk_patch.py to apply (comma-separated, or all)
     BENCH_HOST        none (the `Gateway` itself) | fastapi (a FastAPI app with
                       `app.add_middleware(GatewayMiddleware, ...)`, as users write it)
                       | fastapi-front (`GatewayMiddleware(fastapi_app, ...)` served in front of it)
@@ -101,6 +102,11 @@ def _transport(kind: str) -> Any:
 
 
 def make_app() -> Any:
+    patch = os.environ.get("BENCH_SDK_PATCH")
+    if patch:
+        import sdk_patch
+
+        sdk_patch.apply(patch)
     servers = [url for url in os.environ["BENCH_UPSTREAMS"].split(",") if url]
     upstreams: dict[str, Any] = {
         "backend": {

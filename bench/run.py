@@ -858,7 +858,16 @@ def targets(
         else:
             sdk_per_span = sdk_us_per_span or 0.0
             where = "bench/otel_cost.py's tight loop"
-        if sdk_per_span > 0:
+        if sdk_per_span <= 0 and sdk is not None:
+            # A run too short for the yardstick's spans to stand out of the noise (--smoke).
+            rows.append(
+                (
+                    name,
+                    f"not measurable in this run: {sdk_per_span:.1f} µs per span for {where}",
+                    None,
+                )
+            )
+        elif sdk_per_span > 0:
             ratio = per_span / sdk_per_span
             extra = (
                 f"; in a tight loop the SDK costs {sdk_us_per_span:.1f} µs per span"

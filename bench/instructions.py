@@ -4,6 +4,8 @@
     python bench/instructions.py --setup fastapi --tracing sampled
     python bench/instructions.py --layers              # the new layers' cost on routes without them
     python bench/instructions.py --tree /tmp/gw-old    # the same driver against another checkout
+    python bench/instructions.py --setup fastapi --tracing all --sdk-patch none --sdk-patch all
+                                                       # with the SDK change of apps/sdk_patch.py
 
 Each figure is valgrind's (`--tool=callgrind`) instruction count of a whole process driving
 2N requests minus that of one driving N, divided by N: start-up, imports and the first

@@ -151,6 +151,29 @@ def test_upstream_dropping_mid_body_aborts_the_client_response(
         assert response.header("content-length") == b"100000"
 
 
+def test_upstream_closing_between_its_head_and_body_is_retried_not_cut_short(
+    upstreams: Upstreams, gateway_factory: Callable[..., str]
+) -> None:
+    # Both servers announce a body and close before its first byte, as a server dying between
+    # its head and body writes does: nothing has reached the client yet, so a GET goes to the
+    # other server, and the client gets a whole answer (here a 502) instead of a cut-off 200.
+    two = [{"url": upstreams.u1.url}, {"url": upstreams.u2.url}]
+    url = gateway_factory(
+        {
+            "routes": [{"path": "/", "upstream": "two"}],
+            "upstreams": {"two": {"servers": two, "retry": {"attempts": 2}, "outlier_detection": False}},
+        }
+    )
+    with RawConnection.to(url) as conn:
+        conn.send(b"GET /drop?size=567&sent=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert_error(conn.read_response(), 502, "bad_gateway")
+    assert upstreams.u1.requests("drop") == upstreams.u2.requests("drop") == 1
+    # A POST may not be sent twice: the same whole 502, from the one server it went to.
+    with http_client(url, timeout=10) as client:
+        assert_error(client.post("/drop?size=567&sent=0", content=b"x"), 502, "bad_gateway")
+    assert upstreams.u1.requests("drop") + upstreams.u2.requests("drop") == 3
+
+
 def test_upstream_dropping_mid_body_raises_in_httpx(
     upstreams: Upstreams, gateway_factory: Callable[..., str]
 ) -> None:

@@ -398,11 +398,18 @@ class HTTP11Connection(asyncio.Protocol):
             else:
                 await self._send_streamed(request, length, chunked, timeout)
             deadline = self._deadline(timeout)
-            while not self._head_done:
+            # A Content-Length body is waited for until its first bytes, so that a server dying
+            # between its head and its body fails the attempt here, where it can be retried,
+            # rather than once the head has gone on to the client. Chunked and close-delimited
+            # bodies are not: they may be streams whose first bytes come much later.
+            while not self._head_done or (
+                not self._done and not self._chunks and self._framed and not self._chunked
+            ):
                 if self._error is not None:
                     raise self._error
                 if not await self._wait(deadline):
-                    raise ReadTimeout(f"no response from {self._owner.label} within {timeout}s")
+                    what = "response body" if self._head_done else "response"
+                    raise ReadTimeout(f"no {what} from {self._owner.label} within {timeout}s")
         except BaseException as exc:
             self.close()
             again = self._owner.after_failure(self, exc, request)

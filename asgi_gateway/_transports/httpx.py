@@ -56,18 +56,35 @@ def map_httpx_error(exc: httpx.TransportError) -> UpstreamError:
 
 
 class _Stream:
-    __slots__ = ("_bodiless", "_response")
+    __slots__ = ("_bodiless", "_first", "_raw", "_response")
 
     def __init__(self, response: httpx.Response, bodiless: bool) -> None:
         self._response = response
         self._bodiless = bodiless
+        self._raw = response.aiter_raw()
+        #: The body's first bytes when they were read before the head was handed on (`first`).
+        self._first = b""
+
+    async def first(self) -> None:
+        """Read the body's first bytes now: a server that closes between its head and its body
+        then fails the attempt while it can still be retried (as the built-in client does)."""
+        try:
+            self._first = await self._raw.__anext__()
+        except StopAsyncIteration:
+            pass
+        except httpx.TransportError as exc:
+            await self._response.aclose()
+            raise map_httpx_error(exc) from exc
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[bytes]:
+        if self._first:
+            first, self._first = self._first, b""
+            yield first
         try:
-            async for chunk in self._response.aiter_raw():
+            async for chunk in self._raw:
                 yield chunk
         except httpx.TransportError as exc:
             raise map_httpx_error(exc) from exc
@@ -152,12 +169,18 @@ class HttpxTransport(Transport):
             address = network.get_extra_info("server_addr")
             if isinstance(address, tuple):
                 peer = str(address[0])
+        bodiless = request.method == "HEAD" or response.status_code in _BODILESS
+        stream = _Stream(response, bodiless)
+        # A Content-Length body's first bytes are awaited (chunked ones may be streams whose
+        # first bytes come much later): see HTTP11Connection.send.
+        if (
+            not bodiless
+            and "transfer-encoding" not in response.headers
+            and response.headers.get("content-length", "0") not in ("", "0")
+        ):
+            await stream.first()
         return Response(
-            status=response.status_code,
-            headers=headers,
-            stream=_Stream(response, request.method == "HEAD" or response.status_code in _BODILESS),
-            server=server,
-            peer_address=peer,
+            status=response.status_code, headers=headers, stream=stream, server=server, peer_address=peer
         )
 
     async def aclose(self) -> None:

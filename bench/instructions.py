@@ -476,8 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
 
     def title(tree: Path | None, patch: str) -> str:
-        name = str(tree or "this tree")[-18:]
-        return f"sdk {patch}"[-18:] if patch and len(columns) > 1 and not args.tree else name
+        name = " ".join(part for part in (str(tree) if tree else "", f"sdk {patch}" if patch else "") if part)
+        return (name or "this tree")[-18:]
 
     print(f"instructions per request (valgrind: {2 * args.requests} requests minus {args.requests})")
     header = f"{'set-up':<14} {'tracing':<10} {'config':<7}" + "".join(

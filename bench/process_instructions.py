@@ -33,15 +33,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from instructions import callgrind_total
+from run import CASES, HOST, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "bench" / "apps"
-HOST = "127.0.0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+#: bench/run.py's cases that this counts: the floors and the gateway's own set-ups.
+MEASURED = {case.key: case for case in CASES if case.app.startswith(("floor_app:", "gateway_app:"))}
+DEFAULT = ("floor-uvicorn", "floor-pool", "gateway-off", "fastapi-off", "fastapi-sampled")
 
 
 def _wait_listening(port: int, process: subprocess.Popen[str], timeout: float = 120.0) -> None:
@@ -83,7 +82,7 @@ def drive(port: int, requests: int, connections: int) -> None:
 
 def count(app: str, env: dict[str, str], requests: int, connections: int, tree: Path | None) -> int:
     """valgrind's instruction count of a uvicorn process serving `app` for `requests` requests."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="gw-process-") as tmp:
         out = Path(tmp) / "callgrind.out"
         environment = {**os.environ, "PYTHONHASHSEED": "0", **env}
@@ -106,11 +105,9 @@ def count(app: str, env: dict[str, str], requests: int, connections: int, tree: 
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        for line in out.read_text().splitlines() if out.exists() else ():
-            match = re.match(r"(?:summary|totals):\s+(\d+)", line)
-            if match:
-                return int(match.group(1))
-    raise SystemExit(f"bench: no instruction total in callgrind's output:\n{errors[-2000:]}")
+        if process.returncode not in (0, -signal.SIGINT):
+            raise SystemExit(f"bench: the server failed ({process.returncode}):\n{errors[-2000:]}")
+        return callgrind_total(out)
 
 
 def _coarse_tree(tree: Path | None, resolution: float, into: Path) -> Path:
@@ -127,21 +124,20 @@ def _coarse_tree(tree: Path | None, resolution: float, into: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cases = ("floor-uvicorn", "floor-pool", "gateway-off", "fastapi-off", "fastapi-sampled")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cases", nargs="*", default=list(cases), help=f"of: {', '.join(cases)}")
+    parser.add_argument("cases", nargs="*", default=list(DEFAULT), help=f"of: {', '.join(MEASURED)}")
     parser.add_argument("--requests", type=int, default=1000, help="N: the runs send N and 2N requests")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--tree", type=Path, action="append", help="a checkout to import asgi_gateway from")
     parser.add_argument("--coarse", type=float, help="the coarse timers' resolution in the measured copy")
     args = parser.parse_args(argv)
-    unknown = [case for case in args.cases if case not in cases]
+    unknown = [case for case in args.cases if case not in MEASURED]
     if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}: choose among {', '.join(cases)}")
+        parser.error(f"unknown case(s) {', '.join(unknown)}: choose among {', '.join(MEASURED)}")
     if shutil.which("valgrind") is None:
         print("bench: valgrind not found (Debian/Ubuntu: apt-get install valgrind)", file=sys.stderr)
         return 2
-    upstream_port = _free_port()
+    upstream_port = free_port()
     upstream = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(APPS), "floor_app:app", "--loop", "uvloop",
          "--http", "httptools", "--host", HOST, "--port", str(upstream_port), "--log-level", "warning",
@@ -149,14 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         env={**os.environ, "BENCH_FLOOR": "uvicorn"}, text=True,
     )  # fmt: skip
     url = f"http://{HOST}:{upstream_port}"
-    gateway = {"BENCH_UPSTREAMS": f"{url},{url},{url}"}
-    apps = {
-        "floor-uvicorn": ("floor_app:app", {"BENCH_FLOOR": "uvicorn"}),
-        "floor-pool": ("floor_app:app", {"BENCH_FLOOR": "pool", "BENCH_UPSTREAM": url}),
-        "gateway-off": ("gateway_app:app", {**gateway, "BENCH_TRACING": "off"}),
-        "fastapi-off": ("gateway_app:app", {**gateway, "BENCH_TRACING": "off", "BENCH_HOST": "fastapi"}),
-        "fastapi-sampled": ("gateway_app:app", {**gateway, "BENCH_TRACING": "sampled", "BENCH_HOST": "fastapi"}),
-    }  # fmt: skip
+    # As bench/run.py's harness passes them: the gateway balances over BENCH_UPSTREAMS (here
+    # one server three times), the pool floor relays to BENCH_UPSTREAM.
+    upstream_env = {"BENCH_UPSTREAMS": f"{url},{url},{url}", "BENCH_UPSTREAM": url}
     try:
         _wait_listening(upstream_port, upstream)
         with tempfile.TemporaryDirectory(prefix="gw-trees-") as tmp:
@@ -168,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ]
             print(f"instructions per request ({args.connections} connections, N={args.requests})", flush=True)
             for case in args.cases:
-                app, env = apps[case]
+                measured = MEASURED[case]
+                app, env = measured.app, {**upstream_env, **dict(measured.env)}
                 for tree, title in zip(trees, args.tree or [None], strict=True):
                     once = count(app, env, args.requests, args.connections, tree)
                     twice = count(app, env, 2 * args.requests, args.connections, tree)
